@@ -1,0 +1,68 @@
+"""Config checks that run before anything is built or compiled: one line per error."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from vlm import sharding
+
+REQUIRED_KEYS = (
+    "seed", "total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+    "mesh", "optim", "model", "data", "task",
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line naming the key and the fix."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError for the first problem found."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ConfigError(f"config is missing {', '.join(missing)}; every config file defines {', '.join(REQUIRED_KEYS)}")
+    for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if int(config[key]) <= 0:
+            raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+    try:
+        sizes = sharding.mesh_shape(config.mesh, num_devices)
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from None
+    shards = sizes["data"] * sizes["fsdp"]
+    per_slice = config.batch_size // max(config.microbatches, 1)
+    if config.microbatches < 1 or config.batch_size % config.microbatches:
+        raise ConfigError(
+            f"config.microbatches={config.microbatches} must be ≥ 1 and divide config.batch_size={config.batch_size}"
+        )
+    if per_slice % shards:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} (microbatch {per_slice}) does not divide over the batch axes "
+            f"data*fsdp={shards}; use a batch size that is a multiple of {shards * config.microbatches}"
+        )
+    if config.eval_batch_size % shards:
+        raise ConfigError(
+            f"config.eval_batch_size={config.eval_batch_size} does not divide over data*fsdp={shards}; "
+            f"use a multiple of {shards}"
+        )
+    from vlm.nn.transformer import REMAT_POLICIES
+
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat={config.model.remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}")
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"config.model.dtype={config.model.dtype!r} is unknown; use float32 or bfloat16")
+    from vlm import tasks
+
+    tasks.get(config)  # each task checks its own keys (raises ConfigError)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The resolved config saved in W/config.json, locked like the original."""
+    config = ml_collections.ConfigDict(json.loads(text))
+    config.lock()
+    return config

@@ -1,0 +1,130 @@
+"""Metric writers (console, JSONL, TensorBoard), step timing, model FLOPs and MFU.
+
+Only process 0 writes; other processes get a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import jax
+
+# Peak dense bf16 FLOP/s per chip (vendor datasheets). Matched against device_kind.
+PEAK_BF16_FLOPS = (
+    ("TPU v6", 918e12),  # Trillium (v6e; device_kind "TPU v6 lite")
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; dense, without sparsity
+    ("A100", 312e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None where unknown (CPU)."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in kind.lower():
+            return peak
+    return None
+
+
+class MetricWriter:
+    """Console progress line, W/metrics.jsonl and TensorBoard, all from one `write` call."""
+
+    def __init__(self, workdir: str | None, total_steps: int, *, enabled: bool | None = None, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self._jsonl = None
+        self._tb = None
+        if self.enabled and workdir:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], *, eta_s: float | None = None) -> None:
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        print(self.format_line(step, metrics, eta_s), file=sys.stdout, flush=True)
+
+    def format_line(self, step: int, metrics: Mapping[str, float], eta_s: float | None) -> str:
+        pct = 100.0 * step / max(self.total_steps, 1)
+        parts = [f"[{step:>6}/{self.total_steps} {pct:5.1f}%]"]
+        for k, v in metrics.items():
+            parts.append(f"{k.split('/', 1)[-1] if k.startswith('train/') else k}={_fmt(v)}")
+        if eta_s is not None:
+            parts.append(f"eta={_fmt_duration(eta_s)}")
+        return " ".join(parts)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or math.isnan(v) or math.isinf(v):
+        return str(v)
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+class StepTimer:
+    """Wall time between log points → steps/s, examples/s, achieved FLOP/s, MFU, ETA."""
+
+    def __init__(self, batch_size: int, flops_per_step: float | None, total_steps: int):
+        self.batch_size = batch_size
+        self.flops_per_step = flops_per_step
+        self.total_steps = total_steps
+        self.peak = peak_flops_per_device()
+        self.num_devices = jax.device_count()
+        self._t = None
+        self._step = None
+
+    def start(self, step: int) -> None:
+        self._t, self._step = time.perf_counter(), step
+
+    def lap(self, step: int) -> tuple[dict[str, float], float | None]:
+        """Metrics since the last lap (call after the step's results are on host)."""
+        now = time.perf_counter()
+        dt, dsteps = now - self._t, step - self._step
+        self._t, self._step = now, step
+        if dsteps <= 0 or dt <= 0:
+            return {}, None
+        steps_per_s = dsteps / dt
+        out = {"train/steps_per_s": steps_per_s, "train/examples_per_s": steps_per_s * self.batch_size}
+        if self.flops_per_step:
+            out["train/model_flops_per_step"] = self.flops_per_step
+            achieved = self.flops_per_step * steps_per_s / self.num_devices
+            out["train/tflops_per_device"] = achieved / 1e12
+            if self.peak:
+                out["train/mfu"] = achieved / self.peak
+        return out, (self.total_steps - step) / steps_per_s

@@ -1,0 +1,67 @@
+"""Patch (tubelet) embeddings, token embeddings and learned position tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlm.nn.linear import Dense, Dtype
+
+# ImageNet statistics: video arrives as uint8 and the model normalises (DESIGN.md).
+RGB_MEAN = jnp.array([0.485, 0.456, 0.406]) * 255.0
+RGB_STD = jnp.array([0.229, 0.224, 0.225]) * 255.0
+
+
+class TubeletEmbed(nnx.Module):
+    """A 3D patch embedding (a strided Conv3D written as reshape + matmul).
+
+    video uint8 [B, T, H, W, 3] → tokens [B, T/t, (H/p)*(W/p), D]. A clip whose T is
+    not a multiple of t (e.g. an image, T=1) is padded by repeating its last frame.
+    """
+
+    def __init__(self, tubelet: Sequence[int], width: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.tubelet = tuple(int(x) for x in tubelet)
+        t, p, q = self.tubelet
+        self.proj = Dense(t * p * q * 3, width, ("conv_in", "embed"), dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, video: jax.Array) -> jax.Array:
+        t, p, q = self.tubelet
+        b, T, H, W, C = video.shape
+        if H % p or W % q:
+            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {p}x{q}")
+        if T % t:
+            video = jnp.concatenate([video, jnp.repeat(video[:, -1:], t - T % t, axis=1)], axis=1)
+            T = video.shape[1]
+        x = (video.astype(jnp.float32) - RGB_MEAN) / RGB_STD
+        x = x.reshape(b, T // t, t, H // p, p, W // q, q, C)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, T // t, (H // p) * (W // q), t * p * q * C)
+        return self.proj(x.astype(self.dtype))  # [B, T', S, D]
+
+
+class LearnedPositions(nnx.Module):
+    """A learned [max_len, D] table; the first `n` rows are used for a length-n input."""
+
+    def __init__(self, max_len: int, width: int, axis_name: str, *, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (axis_name, "embed"))
+        self.table = nnx.Param(init(rngs.params(), (max_len, width), jnp.float32))
+
+    def __call__(self, n: int) -> jax.Array:
+        if n > self.table.value.shape[0]:
+            raise ValueError(f"sequence of length {n} is longer than the position table ({self.table.value.shape[0]})")
+        return self.table.value[:n]  # [n, D]
+
+
+class TokenEmbed(nnx.Module):
+    """ids int32 [B, L] → [B, L, D]."""
+
+    def __init__(self, vocab_size: int, width: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, width), jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)

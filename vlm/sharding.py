@@ -1,0 +1,157 @@
+"""The device mesh, logical-axis rules, and helpers that place arrays on it.
+
+Models name only *logical* axes (`batch`, `embed`, `mlp`, ...). The config's
+rules map them to the mesh axes `data`, `fsdp`, `tensor`; nothing else in the
+code base names a mesh axis except `BATCH_AXES` below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The global batch is split over these mesh axes (data parallel + FSDP).
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("frames", None),
+    ("tokens", None),
+    ("head_dim", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+# Parameters and module construction never shard eagerly: shardings are derived
+# from the abstract model and applied by a jitted init (see train.py).
+nnx.use_eager_sharding(False)
+
+
+class MeshError(ValueError):
+    pass
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves the config's axis sizes; at most one axis may be -1 (fills the rest)."""
+    sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+    fill = [name for name, size in sizes.items() if size == -1]
+    bad = [name for name, size in sizes.items() if size == 0 or size < -1]
+    if bad:
+        raise MeshError(
+            f"config.mesh.{bad[0]}={sizes[bad[0]]} is not a valid axis size; use a positive size or -1 to fill"
+        )
+    if len(fill) > 1:
+        raise MeshError(
+            f"config.mesh has -1 on {', '.join(fill)}; at most one axis may be -1 (it fills the remaining devices)"
+        )
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if num_devices % fixed:
+            raise MeshError(
+                f"config.mesh: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices; choose sizes whose product divides {num_devices}"
+            )
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        shown = "*".join(f"{n}={s}" for n, s in sizes.items())
+        raise MeshError(
+            f"config.mesh {shown} needs {fixed} devices but {num_devices} are available; "
+            f"set one axis to -1 (e.g. --config.mesh.data=-1) or make the product {num_devices}"
+        )
+    return sizes
+
+
+def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (pjit-style sharding)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(
+        tuple(sizes[name] for name in MESH_AXES),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def logical_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """Config rules (list of [logical, mesh axis | [mesh axes] | None]) as a tuple; [] = defaults."""
+    if not rules_config:
+        return DEFAULT_RULES
+    out = []
+    for rule in rules_config:
+        logical, mesh_axes = rule
+        if isinstance(mesh_axes, (list, tuple)):
+            mesh_axes = tuple(mesh_axes)
+        out.append((str(logical), mesh_axes))
+    return tuple(out)
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the global batch is split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]):
+    """Makes `mesh` current for jit and `rules` current for `constrain` / partition specs."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield
+
+
+def logical_to_mesh_spec(logical_axes: Sequence[str | None]) -> P:
+    return nn.logical_to_mesh_axes(tuple(logical_axes), spmd.get_logical_axis_rules())
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside `use_mesh`.
+
+    Used at block boundaries only (DESIGN.md): XLA propagates the rest.
+    """
+    if not spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical_axes))
+
+
+def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules) -> Any:
+    """NamedShardings for an (abstract) nnx.State, as a pure dict mirroring `to_pure_dict`."""
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(abstract_state)
+    specs = nnx.to_pure_dict(specs)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over BATCH_AXES, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Each process's slice of the batch → global jax.Arrays sharded over the batch axes.
+
+    Non-numeric entries (e.g. caption strings) stay on the host and are dropped here.
+    """
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        if value.dtype == object or value.dtype.kind in "US":
+            continue
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out

@@ -1,0 +1,164 @@
+"""Video-text contrastive learning: symmetric InfoNCE (CLIP) or pairwise sigmoid (SigLIP).
+
+Both losses are computed over the *global* batch: embeddings [B, E] arrive sharded over
+the batch axes and the [B, B] similarity matrix is built by XLA's collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from vlm import sharding
+from vlm.config import ConfigError
+from vlm.eval import retrieval
+from vlm.models.dual_encoder import DualEncoder
+from vlm.models.text_encoder import TextEncoder
+from vlm.models.video_encoder import VideoEncoder
+
+LOSSES = ("softmax", "sigmoid")
+
+
+def softmax_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
+    """Symmetric InfoNCE. video_emb, text_emb: unit-norm [B, E]; pair i matches pair i."""
+    logits = logit_scale * text_emb @ video_emb.T  # [B(text), B(video)]
+    labels = jnp.arange(logits.shape[0])
+    t2v = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    v2t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    return 0.5 * (t2v + v2t)
+
+
+def sigmoid_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array) -> jax.Array:
+    """SigLIP: every (text, video) pair is an independent binary label, +1 on the diagonal."""
+    logits = logit_scale * text_emb @ video_emb.T + logit_bias  # [B, B]
+    labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+    return -jax.nn.log_sigmoid(labels * logits).sum() / logits.shape[0]
+
+
+class Task:
+    def __init__(self, config):
+        self.config = config
+        self.task_config = config.task
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks of this task's keys; one line each, before anything compiles."""
+        c = self.config
+        if c.task.loss not in LOSSES:
+            raise ConfigError(f"config.task.loss={c.task.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if c.data.vocab_size != c.model.text.vocab_size:
+            raise ConfigError(
+                f"config.data.vocab_size={c.data.vocab_size} differs from config.model.text.vocab_size="
+                f"{c.model.text.vocab_size}; set both to the tokenizer's vocabulary size"
+            )
+        t, p, q = c.model.video.tubelet
+        if c.data.resolution % p or c.data.resolution % q:
+            raise ConfigError(
+                f"config.data.resolution={c.data.resolution} is not divisible by the patch size {p}x{q} "
+                f"(config.model.video.tubelet); pick a multiple of {p}"
+            )
+        if c.model.video.attention not in ("joint", "divided"):
+            raise ConfigError(f"config.model.video.attention={c.model.video.attention!r} is unknown; use joint or divided")
+
+    def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
+        m, d = self.config.model, self.config.data
+        dtype = jnp.dtype(m.dtype)
+        video = VideoEncoder(
+            num_frames=d.num_frames,
+            resolution=d.resolution,
+            tubelet=tuple(m.video.tubelet),
+            width=m.video.width,
+            depth=m.video.depth,
+            num_heads=m.video.num_heads,
+            mlp_dim=m.video.mlp_dim,
+            attention=m.video.attention,
+            remat=m.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        text = TextEncoder(
+            vocab_size=m.text.vocab_size,
+            max_len=d.max_text_len,
+            width=m.text.width,
+            depth=m.text.depth,
+            num_heads=m.text.num_heads,
+            mlp_dim=m.text.mlp_dim,
+            remat=m.remat,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        return DualEncoder(video, text, m.embed_dim, loss=self.task_config.loss, dtype=dtype, rngs=rngs)
+
+    def features(self, model: DualEncoder, batch, rng) -> dict[str, jax.Array]:
+        del rng  # deterministic model
+        video_emb, text_emb = model(batch["video"], batch["tokens"])
+        return {"video": video_emb, "text": text_emb}  # each [B, E] float32
+
+    def loss(self, model: DualEncoder, features, batch):
+        del batch
+        # Clamped learnable temperature: scale ≤ max_logit_scale (CLIP clamps at 100).
+        log_scale = jnp.minimum(model.logit_scale.value, math.log(self.task_config.max_logit_scale))
+        scale = jnp.exp(log_scale)
+        v = sharding.constrain(features["video"], ("batch", None))
+        t = sharding.constrain(features["text"], ("batch", None))
+        if self.task_config.loss == "softmax":
+            loss = softmax_loss(v, t, scale)
+        else:
+            loss = sigmoid_loss(v, t, scale, model.logit_bias.value)
+        return loss, {"train/logit_scale": scale}
+
+    # ----- evaluation: text↔video retrieval on the held-out split -----
+
+    def evaluate(self, model: DualEncoder, *, mesh, step: int, workdir: str | None) -> dict[str, float]:
+        from input_pipeline import pipeline
+
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def embed(state, batch):
+            m = nnx.merge(graphdef, state)
+            return m(batch["video"], batch["tokens"])
+
+        batch_size = self.config.eval_batch_size
+        video_embs, text_embs, captions = [], [], []
+        for local in pipeline.create_eval_iterator(self.config.data, global_batch_size=batch_size):
+            batch = sharding.global_batch(local, mesh)
+            v, t = embed(state, batch)
+            mask = jax.experimental.multihost_utils.process_allgather(batch["mask"], tiled=True)
+            video_embs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))[mask])
+            text_embs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(t, tiled=True))[mask])
+            captions.extend(_allgather_strings(local["caption"], local["mask"]))
+        video_embs, text_embs = np.concatenate(video_embs), np.concatenate(text_embs)
+        sim = text_embs @ video_embs.T  # [N(text), N(video)], pair i ↔ i
+        metrics = retrieval.retrieval_metrics(sim)
+        if workdir and jax.process_index() == 0:
+            out = os.path.join(workdir, "samples", str(step))
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "retrieval.txt"), "w") as f:
+                f.write(retrieval.format_table(metrics, num_pairs=len(captions)))
+                f.write("\n" + retrieval.format_examples(sim, captions, num=8))
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def _allgather_strings(captions: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Captions stay on the host; with one process nothing needs gathering."""
+    local = [str(c) for c, m in zip(captions, mask) if m]
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    # Strings cannot be all-gathered directly: gather fixed-width byte arrays.
+    width = 512
+    enc = np.zeros((len(captions), width), np.uint8)
+    for i, c in enumerate(captions):
+        b = str(c).encode()[:width]
+        enc[i, : len(b)] = np.frombuffer(b, np.uint8)
+    all_enc = multihost_utils.process_allgather(enc, tiled=True)
+    all_mask = multihost_utils.process_allgather(np.asarray(mask), tiled=True)
+    return [bytes(row).rstrip(b"\0").decode() for row, m in zip(all_enc, all_mask) if m]
