@@ -141,7 +141,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
         metrics = {
             "train/loss": loss,
             "train/lr": schedule(step),
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             **metrics,
         }
         return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics

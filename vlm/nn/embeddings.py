@@ -50,9 +50,9 @@ class LearnedPositions(nnx.Module):
         self.table = nnx.Param(init(rngs.params(), (max_len, width), jnp.float32))
 
     def __call__(self, n: int) -> jax.Array:
-        if n > self.table.value.shape[0]:
-            raise ValueError(f"sequence of length {n} is longer than the position table ({self.table.value.shape[0]})")
-        return self.table.value[:n]  # [n, D]
+        if n > self.table[...].shape[0]:
+            raise ValueError(f"sequence of length {n} is longer than the position table ({self.table[...].shape[0]})")
+        return self.table[...][:n]  # [n, D]
 
 
 class TokenEmbed(nnx.Module):
@@ -64,4 +64,4 @@ class TokenEmbed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -43,10 +43,10 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel.value.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))  # [..., *out]
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 
@@ -61,10 +61,10 @@ class DenseOut(nnx.Module):
         self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (axes[-1],))(rngs.params(), (out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = len(self.kernel.value.shape) - 1
+        k = len(self.kernel[...].shape) - 1
         contract = tuple(range(x.ndim - k, x.ndim))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel.value.astype(self.dtype), ((contract, tuple(range(k))), ((), ())))
-        return y + self.bias.value.astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), ((contract, tuple(range(k))), ((), ())))
+        return y + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -80,5 +80,5 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(self.dtype)

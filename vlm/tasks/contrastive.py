@@ -103,14 +103,14 @@ class Task:
     def loss(self, model: DualEncoder, features, batch):
         del batch
         # Clamped learnable temperature: scale ≤ max_logit_scale (CLIP clamps at 100).
-        log_scale = jnp.minimum(model.logit_scale.value, math.log(self.task_config.max_logit_scale))
+        log_scale = jnp.minimum(model.logit_scale[...], math.log(self.task_config.max_logit_scale))
         scale = jnp.exp(log_scale)
         v = sharding.constrain(features["video"], ("batch", None))
         t = sharding.constrain(features["text"], ("batch", None))
         if self.task_config.loss == "softmax":
             loss = softmax_loss(v, t, scale)
         else:
-            loss = sigmoid_loss(v, t, scale, model.logit_bias.value)
+            loss = sigmoid_loss(v, t, scale, model.logit_bias[...])
         return loss, {"train/logit_scale": scale}
 
     # ----- evaluation: text↔video retrieval on the held-out split -----

@@ -1,0 +1,37 @@
+"""Small configs and batches shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from configs import dual_encoder
+
+
+def small_config(**mesh):
+    """The tiny dual encoder shrunk further so a train step compiles and runs in seconds."""
+    c = dual_encoder.get_config("tiny")
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.total_steps = 10
+    c.optim.warmup_steps = 0  # the first step must move the parameters
+    c.model.embed_dim = 32
+    c.model.video.update(dict(tubelet=(2, 8, 8), width=32, depth=1, num_heads=2, mlp_dim=64))
+    c.model.text.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    c.data.update(dict(num_frames=4, resolution=16, max_text_len=8))
+    if mesh:
+        c.mesh.update(mesh)
+    return c
+
+
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic fake global batch with the data pipeline's shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    d = config.data
+    b = config.batch_size
+    tokens = rng.integers(4, d.vocab_size, (b, d.max_text_len)).astype(np.int32)
+    lengths = rng.integers(3, d.max_text_len + 1, b)
+    tokens[np.arange(d.max_text_len)[None, :] >= lengths[:, None]] = 0  # right padding
+    return {
+        "video": rng.integers(0, 256, (b, d.num_frames, d.resolution, d.resolution, 3), dtype=np.uint8),
+        "tokens": tokens,
+    }
