@@ -45,7 +45,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch (vlm/nn/transformer.py)
     c.model.embed_dim = 128
     c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
-    c.model.text = dict(vocab_size=64, width=128, depth=2, num_heads=4, mlp_dim=512)
+    c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)
 
     c.data = dict(
         name="synthetic",
@@ -55,7 +55,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_size=256,
         max_objects=1,
         max_text_len=16,
-        vocab_size=64,
+        vocab_size=128,  # BPE: one piece per word of the synthetic captions (64 splits words)
         tokenizer="",  # a SentencePiece .model; "" = train one on the train captions, cached in data_dir
         data_dir="",  # "" = $VLM_DATA_DIR or ~/.cache/vlm/data
         worker_count=0,

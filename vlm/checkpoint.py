@@ -40,6 +40,15 @@ class _IteratorSnapshot:
         return self._state
 
 
+def _to_items(state: dict[str, Any]) -> dict[str, Any]:
+    """Train state {"step", "params", "opt_state", "rng"} → checkpoint items."""
+    return {"params": state["params"], "opt_state": state["opt_state"], "train": {"step": state["step"], "rng": state["rng"]}}
+
+
+def _from_items(items: dict[str, Any]) -> dict[str, Any]:
+    return {"params": items["params"], "opt_state": items["opt_state"], **items["train"]}
+
+
 def _abstract(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings: Orbax restores (and reshards) onto them."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -64,7 +73,7 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict[str, Any], data_iterator=None, *, force: bool = False) -> bool:
-        items = {name: ocp.args.StandardSave(state[name]) for name in STATE_ITEMS}
+        items = {name: ocp.args.StandardSave(tree) for name, tree in _to_items(state).items()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         items["meta"] = ocp.args.JsonSave(
@@ -74,11 +83,12 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: dict[str, Any], shardings: dict[str, Any], data_iterator=None) -> dict[str, Any]:
         """Restores the train state onto `shardings` (any mesh) and, if given, the iterator in place."""
-        items = {name: ocp.args.StandardRestore(_abstract(abstract_state[name], shardings[name])) for name in STATE_ITEMS}
+        abstract, target = _to_items(abstract_state), _to_items(shardings)
+        items = {name: ocp.args.StandardRestore(_abstract(abstract[name], target[name])) for name in STATE_ITEMS}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return {name: restored[name] for name in STATE_ITEMS}
+        return _from_items({name: restored[name] for name in STATE_ITEMS})
 
     def restore_params(self, step: int | None, abstract_params, shardings) -> tuple[Any, int]:
         """Parameters only (no optimizer state): for eval and downstream use."""

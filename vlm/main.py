@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("train", "eval", "tokenizer train")
@@ -30,13 +30,17 @@ def _fail(message: str) -> None:
 
 
 def _require(*names: str) -> None:
-    missing = [n for n in names if getattr(FLAGS, n) is None]
+    missing = [n for n in names if FLAGS[n].value is None]
     if missing:
-        _fail(f"missing --{missing[0]}; usage: {__doc__.strip().splitlines()[0]}")
+        usage = "; ".join(line.strip() for line in __doc__.strip().splitlines()[2:])
+        _fail(f"missing --{missing[0]}; usage: {usage}")
 
 
 def main(argv: list[str]) -> None:
     from vlm.config import ConfigError
+
+    if not FLAGS["verbosity"].present:  # Orbax logs every file it renames at INFO; -v 0 brings it back
+        logging.set_verbosity(logging.WARNING)
 
     command = " ".join(argv[1:3]) if argv[1:2] == ["tokenizer"] else " ".join(argv[1:2])
     if command not in COMMANDS:
@@ -44,9 +48,14 @@ def main(argv: list[str]) -> None:
     try:
         if command == "train":
             _require("config", "workdir")
+            try:
+                config = FLAGS.config
+                "seed" in config  # a config file that failed to load raises on first access
+            except OSError as e:
+                _fail(_one_line(e, argv).replace("config_config", "--config"))
             from vlm import train
 
-            train.train(FLAGS.config, FLAGS.workdir, exit_after_step=FLAGS.exit_after_step)
+            train.train(config, FLAGS.workdir, exit_after_step=FLAGS.exit_after_step)
         elif command == "eval":
             _require("workdir")
             from vlm import train
@@ -63,13 +72,39 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
 
 
-def run() -> None:
-    """Console-script entry point. Config-file errors (unknown variant, misspelt key) are one line."""
+def _one_line(error: BaseException, argv: list[str]) -> str:
+    """A flag/config error as one line: the message of the most specific exception in the chain."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    texts = [str(e) for e in chain]
+    hint = next((t for t in texts if "Did you mean" in t), None)
+    if hint is not None or any(isinstance(e, (KeyError, AttributeError)) for e in chain):
+        override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "--config.?")
+        suggestion = ""
+        if hint:
+            suggestion = "; " + hint.split("Did you mean", 1)[1].split("?")[0].strip().join(["did you mean ", "?"])
+            suggestion = suggestion.replace("did you mean", "did you mean").replace('"', "")
+        return f"unknown config key {override}{suggestion} (the config is locked; see the config file for valid keys)"
+    if texts[0].startswith("flag --") and "\n" not in texts[0]:
+        return texts[0]  # e.g. "flag --config.optim.lr=abc: could not convert string to float: 'abc'"
+    for text in texts[::-1]:  # innermost first: the original message, not absl's wrapping
+        lines = [l.strip() for l in text.replace("\\n", "\n").splitlines() if l.strip()]
+        useful = [l for l in lines if not l.startswith(("Traceback", "File ", "^", "Attempted", "raise "))]
+        if useful:
+            return " ".join(useful[-2:]) if "No such file" in useful[-1] else useful[-1]
+    return type(chain[0]).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, but a bad config (misspelt key, unknown variant, bad value) is one line, exit 2."""
     try:
-        app.run(main)
-    except flags.Error as e:  # raised while parsing --config / --config.x=y
-        _fail(str(e).splitlines()[0] if str(e) else repr(e))
+        return FLAGS(argv)
+    except Exception as e:  # absl wraps config-file and override errors in several exception types
+        _fail(_one_line(e, argv))
 
 
-if __name__ == "__main__":
-    run()
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main, flags_parser=_parse_flags)
