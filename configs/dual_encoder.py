@@ -90,4 +90,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.vocab_size = 32_000
         c.data.max_objects = 3
         c.data.worker_count = 8
+    c.lock()  # a misspelt key is an error, from Python as from the command line
     return c

@@ -35,3 +35,44 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         "video": rng.integers(0, 256, (b, d.num_frames, d.resolution, d.resolution, 3), dtype=np.uint8),
         "tokens": tokens,
     }
+
+
+# The same shrinking as small_config(), as command-line overrides of configs/dual_encoder.py:tiny.
+SMALL_OVERRIDES = (
+    "--config.batch_size=16",
+    "--config.eval_batch_size=16",
+    "--config.optim.warmup_steps=0",
+    "--config.model.embed_dim=32",
+    "--config.model.video.width=32",
+    "--config.model.video.depth=1",
+    "--config.model.video.num_heads=2",
+    "--config.model.video.mlp_dim=64",
+    "--config.model.text.width=32",
+    "--config.model.text.depth=1",
+    "--config.model.text.num_heads=2",
+    "--config.model.text.mlp_dim=64",
+    "--config.data.num_frames=4",
+    "--config.data.resolution=16",
+    "--config.data.max_text_len=8",
+)
+
+
+def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None):
+    """Runs `python -m vlm.main ARGS` in a fresh process with `devices` CPU devices."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "vlm.main", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(workdir) -> list[dict]:
+    import json
+    import os
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -18,7 +18,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -75,6 +74,8 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], data_iterator=None, *, force: bool = False) -> bool:
         items = {name: ocp.args.StandardSave(tree) for name, tree in _to_items(state).items()}
         if data_iterator is not None:
+            import grain  # here, not at the top: params-only users (eval, benchmarks) need no Grain
+
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
         items["meta"] = ocp.args.JsonSave(
             {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count()}
@@ -86,6 +87,8 @@ class Checkpointer:
         abstract, target = _to_items(abstract_state), _to_items(shardings)
         items = {name: ocp.args.StandardRestore(_abstract(abstract[name], target[name])) for name in STATE_ITEMS}
         if data_iterator is not None:
+            import grain
+
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return _from_items({name: restored[name] for name in STATE_ITEMS})

@@ -108,3 +108,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """Console-script entry point."""
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

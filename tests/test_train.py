@@ -1,0 +1,114 @@
+"""The training loop end to end: exact resume across a process exit, reshard restore, eval."""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.helpers import SMALL_OVERRIDES, read_metrics, run_vlm, small_config
+from vlm import sharding, train
+
+SPEED_KEYS = ("train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step")
+
+
+def train_losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+def load_params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """2N steps straight vs N steps, process exit, restart, N more (N = 4), on 2 devices."""
+    tmp = tmp_path_factory.mktemp("resume")
+    common = ["train", "--config=configs/dual_encoder.py:tiny", *SMALL_OVERRIDES, f"--config.data.data_dir={tmp}/data",
+              "--config.total_steps=8", "--config.log_every=1", "--config.checkpoint_every=100",
+              "--config.eval_every=100"]
+    straight, interrupted = tmp / "straight", tmp / "interrupted"
+    for args in ([f"--workdir={straight}"], [f"--workdir={interrupted}", "--exit_after_step=4"],
+                 [f"--workdir={interrupted}"]):
+        proc = run_vlm(*common, *args, devices=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return straight, interrupted, proc
+
+
+def test_exact_resume_losses_bit_for_bit(resumed_runs):
+    straight, interrupted, last_proc = resumed_runs
+    assert "resumed from" in last_proc.stdout and "/4" in last_proc.stdout
+    a, b = train_losses(straight), train_losses(interrupted)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]  # exact float equality
+    assert a[8] < a[1]  # and it is learning, not standing still
+    # Every other train metric too (grad norm, lr, temperature), bit for bit.
+    rows_a = {m["step"]: m for m in read_metrics(straight) if "train/loss" in m}
+    rows_b = {m["step"]: m for m in read_metrics(interrupted) if "train/loss" in m}
+    for s in range(5, 9):
+        for k in rows_a[s]:
+            if k not in SPEED_KEYS:
+                assert rows_a[s][k] == rows_b[s][k], (s, k)
+
+
+def test_exact_resume_final_parameters_identical(resumed_runs):
+    straight, interrupted, _ = resumed_runs
+    pa, pb = load_params(straight, 8), load_params(interrupted, 8)
+    leaves_a, leaves_b = jax.tree.leaves(pa), jax.tree.leaves(pb)
+    assert len(leaves_a) == len(leaves_b) > 10
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Checkpoints of both runs exist at 4 (the interruption) and 8.
+    assert sorted(os.listdir(interrupted / "checkpoints")) == ["4", "8"]
+
+
+def test_eval_command_reproduces_the_train_time_eval(resumed_runs):
+    straight, _, _ = resumed_runs
+    eval_rows = [m for m in read_metrics(straight) if "eval/t2v_r1" in m]
+    assert [m["step"] for m in eval_rows] == [8]
+    proc = run_vlm("eval", f"--workdir={straight}", devices=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split())
+    assert int(printed["step"]) == 8
+    for key in ("eval/t2v_r1", "eval/t2v_r5", "eval/v2t_r10", "eval/t2v_medr"):
+        assert float(printed[key]) == pytest.approx(eval_rows[0][key], abs=1e-3)
+    table = (straight / "samples" / "8" / "retrieval.txt").read_text()
+    assert "text→video" in table and "held-out pairs" in table
+
+
+def test_restore_onto_another_mesh(tmp_path):
+    """Saved with fsdp=8 (8 devices), restored with data=2 (2 devices): same parameters, new shardings."""
+    config = small_config(data=1, fsdp=8, tensor=1)
+    config.total_steps = 2
+    config.data.data_dir = str(tmp_path / "data")
+    config.eval_every = config.checkpoint_every = 1000
+    train.train(config, str(tmp_path / "w"))
+
+    saved_mesh = sharding.create_mesh(config.mesh)
+    saved_setup = train.build(config, saved_mesh)
+    checkpointer = train.create_checkpointer(config, str(tmp_path / "w"))
+    saved = checkpointer.restore(2, saved_setup.abstract_state, saved_setup.state_shardings)
+    kernel = saved["params"]["video"]["encoder"]["blocks"][0]["mlp"]["up"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # [embed, mlp]
+    assert kernel.sharding.mesh.shape["fsdp"] == 8 and kernel.addressable_shards[0].data.shape[0] == 32 // 8
+
+    config2 = small_config(data=2, fsdp=1, tensor=1)
+    config2.total_steps = 2
+    mesh2 = sharding.create_mesh(config2.mesh, jax.devices()[:2])
+    setup2 = train.build(config2, mesh2)
+    restored = checkpointer.restore(2, setup2.abstract_state, setup2.state_shardings)
+    kernel2 = restored["params"]["video"]["encoder"]["blocks"][0]["mlp"]["up"]["kernel"]
+    assert kernel2.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert len(kernel2.sharding.device_set) == 2
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(restored["step"]) == 2
+
+    # Params-only restore (evaluation, downstream use) gives the same parameters, no optimizer state.
+    params, step = checkpointer.restore_params(None, setup2.abstract_state["params"], setup2.state_shardings["params"])
+    assert step == 2
+    for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    checkpointer.close()
