@@ -50,6 +50,8 @@ import numpy as np  # noqa: E402
 
 from vlm import config as config_lib  # noqa: E402
 from vlm import metrics as metrics_lib  # noqa: E402
+from flax import nnx  # noqa: E402
+
 from vlm import sharding, train  # noqa: E402
 
 ALIASES = {"dtype": "model.dtype", "remat": "model.remat"}
@@ -138,6 +140,7 @@ class Row:
     overrides: list[tuple[str, str]]
     steps: int
     warmup: int
+    flops_only: bool = False
 
 
 def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
@@ -161,7 +164,8 @@ def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
             if key == "config":
                 config = value
         pairs = [(k, v) for k, v in pairs if k != "config"]
-        rows.append(Row(name or args.config.partition(":")[2] or "default", config, base + pairs, args.steps, args.warmup))
+        name = name or args.config.partition(":")[2] or "default"
+        rows.append(Row(name, config, base + pairs, args.steps, args.warmup, args.flops_only))
     return rows
 
 
@@ -215,6 +219,12 @@ def one_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
+def model_flops(setup: train.Setup, batch: dict[str, Any]) -> tuple[float | None, str]:
+    """(model FLOPs per step, how they were counted): the trainer's own count (see its docstring)."""
+    flops = train.model_flops_per_step(setup, batch)
+    return (flops, "lowered-cpu") if flops else (None, "n/a")
+
+
 def measure(row: Row) -> dict[str, Any]:
     """Builds, compiles and times one row. Never raises: errors go into result['error']."""
     result: dict[str, Any] = {"name": row.name, "config": row.config}
@@ -232,6 +242,11 @@ def measure(row: Row) -> dict[str, Any]:
         result["mesh"] = "x".join(f"{mesh.shape[a]}" for a in sharding.MESH_AXES)
         setup = train.build(config, mesh)
         local = random_batch(config, config.batch_size // jax.process_count(), seed=jax.process_index())
+        if row.flops_only:
+            phase = "flops"
+            shapes = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype) for k, v in local.items()}
+            result["flops_per_step"], result["flops_source"] = model_flops(setup, shapes)
+            return result
         with sharding.use_mesh(mesh, setup.rules):
             phase = "init"
             t = time.perf_counter()
@@ -239,7 +254,7 @@ def measure(row: Row) -> dict[str, Any]:
             result["init_s"] = time.perf_counter() - t
             batch = sharding.global_batch(local, mesh)
             phase = "flops"
-            result["flops_per_step"] = train.model_flops_per_step(setup, batch)
+            result["flops_per_step"], result["flops_source"] = model_flops(setup, batch)
             phase = "compile"
             t = time.perf_counter()
             step_fn = setup.train_step.lower(state, batch).compile()
@@ -322,7 +337,7 @@ def _gib(x) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     header = (
-        "| row | config | mesh d×f×t | batch | dtype | remat | step ms | steps/s | examples/s | TFLOP/step "
+        "| row | config | mesh d×f×t | batch | dtype | remat | step ms | steps/s | examples/s | TFLOP/step | FLOPs from "
         "| TFLOP/s/dev | MFU | peak GiB | XLA est. GiB | compile s | status |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -342,12 +357,13 @@ def table(results: list[dict[str, Any]]) -> str:
             _num(r.get("steps_per_s"), ".3g"),
             _num(r.get("examples_per_s"), ".1f"),
             _num(None if not flops else flops / 1e12, ".4g"),
+            r.get("flops_source", "n/a"),
             _num(r.get("tflops_per_device"), ".4g"),
             _num(None if r.get("mfu") is None else 100 * r["mfu"], ".1f") + ("%" if r.get("mfu") is not None else ""),
             peak_text,
             _gib(r.get("xla_bytes")),
             _num(r.get("compile_s"), ".1f"),
-            ("FAILED " + r["error"]) if r.get("error") else "ok",
+            ("FAILED " + r["error"]) if r.get("error") else "flops only" if r.get("step_s") is None else "ok",
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
@@ -377,6 +393,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--remat", default=None, help="remat policy: none | full | dots | dots_no_batch")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--sweep", action="append", metavar="NAME:K=V,K=V", help="one table row (repeatable)")
+    p.add_argument("--flops_only", action="store_true", help="only count model FLOPs (no state, no steps)")
     p.add_argument("--isolate", action="store_true", help="run each row in its own subprocess")
     p.add_argument("--row_timeout", type=float, default=None, help="with --isolate: seconds before a row is killed")
     p.add_argument("--out", default=None, help="Markdown output (default: $OUT/throughput.md if OUT is set)")

@@ -1,9 +1,14 @@
 """Grain loaders: per-process sharding, tokenisation, batching, checkpointable state.
 
-Train: each process reads a disjoint shard of the train records (every
-`process_count`-th record), shuffled with a seeded per-epoch shuffle, repeated
-forever, batched and tokenised into per-process batches
-    {"video": uint8 [b, T, H, W, 3], "tokens": int32 [b, L]},  b = global_batch_size // process_count.
+Train: one seeded, per-epoch shuffle of the train records, repeated forever,
+defines a global stream; global batch k is stream positions [k*B, (k+1)*B) and
+process p reads only its rows [p*b, (p+1)*b) of it. So the global batch (as
+assembled by `vlm.sharding.global_batch`, rows in process order) is the same
+whatever the number of processes: 2 hosts x 4 chips train exactly like 1 x 8,
+and a run can resume on a different number of hosts. Within an epoch the
+processes read disjoint records that together cover the split. Per-process
+batches: {"video": uint8 [b, T, H, W, 3], "tokens": int32 [b, L]},
+b = global_batch_size // process_count.
 The iterator is a `grain.DatasetIterator`: `get_state()`/`set_state()` give the
 exact position, and `grain.checkpoint.CheckpointSave/CheckpointRestore` store
 it in an Orbax checkpoint (one JSON file per process).
@@ -154,14 +159,41 @@ def create_train_iterator(
     source = _data_source(data_config, "train")
     if len(source) < process_count:
         raise ValueError(f"train_size {len(source)} leaves some of the {process_count} processes no records")
-    records = grain.MapDataset.source(source)[process_index::process_count]
+    stream = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat()  # reshuffled every epoch
     dataset = (
-        records.shuffle(seed=_shuffle_seed(seed))
-        .repeat()  # Reseeds the shuffle every epoch.
-        .batch(local_batch_size, drop_remainder=True)  # Batches run across epoch boundaries.
+        ProcessRows(stream, global_batch_size, local_batch_size, process_index)
+        .batch(local_batch_size, drop_remainder=True)  # batches run across epoch boundaries
         .map(TokenizeCaptions(get_tokenizer(data_config), data_config.max_text_len, keep_captions=False))
     )
     return iter(_with_prefetch(dataset, data_config))
+
+
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch of a (global) record stream.
+
+    Element m is row m % b of local batch m // b, i.e. stream position
+    (m // b) * B + p * b + m % b. The mapping is pure index arithmetic, so the
+    iterator state is still one integer and resumes exactly.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, local_batch_size: int, process_index: int):
+        super().__init__(parent)
+        self._global, self._local, self._process = global_batch_size, local_batch_size, process_index
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global * self._local
+
+    def _position(self, index: int) -> int:
+        batch, row = divmod(int(index), self._local)
+        return batch * self._global + self._process * self._local + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._position(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(B={self._global}, b={self._local}, p={self._process})"
 
 
 class _PaddedEvalShard:

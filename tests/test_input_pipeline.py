@@ -108,22 +108,28 @@ def test_train_order_depends_only_on_seed(data_dir):
 def test_processes_read_disjoint_shards_covering_all_records(data_dir):
     config = _data_config(data_dir)
     index = _train_record_index(config)
-    # 48 records, 2 processes of 8 rows: 3 batches make one epoch of a 24-record shard.
-    epochs_by_process = []
+    # 48 records, global batch 16 from 2 processes of 8 rows: 3 global batches make one epoch.
+    rows_by_process = []
     for process_index in range(2):
         iterator = pipeline.create_train_iterator(
             config, global_batch_size=16, seed=0, process_index=process_index, process_count=2
         )
-        rows = [index[_video_key(video)] for batch in _take(iterator, 6) for video in batch["video"]]
-        epochs_by_process.append((rows[:24], rows[24:]))
-    shards = []
-    for first_epoch, second_epoch in epochs_by_process:
-        # Each epoch reads every record of the shard once, in a new order.
-        assert len(set(first_epoch)) == 24 and set(first_epoch) == set(second_epoch)
-        assert first_epoch != second_epoch
-        shards.append(set(first_epoch))
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(range(48))
+        rows_by_process.append([index[_video_key(video)] for batch in _take(iterator, 6) for video in batch["video"]])
+    for epoch in range(2):
+        shards = [set(rows[epoch * 24 : (epoch + 1) * 24]) for rows in rows_by_process]
+        # Within an epoch the processes read disjoint records that together cover the split once.
+        assert len(shards[0]) == len(shards[1]) == 24
+        assert not shards[0] & shards[1]
+        assert shards[0] | shards[1] == set(range(48))
+    assert rows_by_process[0][:24] != rows_by_process[0][24:]  # reshuffled every epoch
+
+    # The global batch does not depend on the number of processes: rows of process 0, then 1.
+    single = pipeline.create_train_iterator(config, global_batch_size=16, seed=0, process_index=0, process_count=1)
+    single_rows = [index[_video_key(video)] for batch in _take(single, 6) for video in batch["video"]]
+    for k in range(6):
+        assert single_rows[16 * k : 16 * k + 16] == (
+            rows_by_process[0][8 * k : 8 * k + 8] + rows_by_process[1][8 * k : 8 * k + 8]
+        )
 
 
 @pytest.mark.parametrize("worker_count", [0, 1])

@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import SMALL_OVERRIDES, read_metrics, run_vlm, small_config
 from vlm import sharding, train
 
-SPEED_KEYS = ("train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step")
+SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step")
 
 
 def train_losses(workdir) -> dict[int, float]:
@@ -112,3 +112,18 @@ def test_restore_onto_another_mesh(tmp_path):
     for x, y in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     checkpointer.close()
+
+
+def test_run_writes_tensorboard_and_progress(resumed_runs):
+    straight, _, last_proc = resumed_runs
+    events = [f for f in os.listdir(straight / "tensorboard") if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(straight / "tensorboard" / events[0]) > 100
+    # Progress line: step counter, loss, speed and an ETA.
+    lines = [l for l in last_proc.stdout.splitlines() if l.startswith("[") and "loss=" in l]
+    assert [l.split("/")[0].strip("[ ") for l in lines] == ["5", "6", "7", "8"]
+    # The first step after a (re)start includes compilation, so speed and ETA start at the second.
+    assert all("steps_per_s=" in l and "eta=" in l for l in lines[1:])
+    row = read_metrics(straight)[1]  # step 2: the first row with speed (step 1 includes the compile)
+    for key in ("step", "train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "train/examples_per_s",
+                "train/model_flops_per_step"):
+        assert key in row, key

@@ -58,7 +58,7 @@ class MetricWriter:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
         if self._jsonl:
-            self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+            self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **metrics}) + "\n")
             self._jsonl.flush()
         if self._tb:
             for k, v in metrics.items():

@@ -137,12 +137,14 @@ class Task:
         video_embs, text_embs = np.concatenate(video_embs), np.concatenate(text_embs)
         sim = text_embs @ video_embs.T  # [N(text), N(video)], pair i ↔ i
         metrics = retrieval.retrieval_metrics(sim)
-        if workdir and jax.process_index() == 0:
-            out = os.path.join(workdir, "samples", str(step))
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "retrieval.txt"), "w") as f:
-                f.write(retrieval.format_table(metrics, num_pairs=len(captions)))
-                f.write("\n" + retrieval.format_examples(sim, captions, num=8))
+        if jax.process_index() == 0:
+            table = retrieval.format_table(metrics, num_pairs=len(captions))
+            print(f"step {step}: " + table, end="", flush=True)
+            if workdir:
+                out = os.path.join(workdir, "samples", str(step))
+                os.makedirs(out, exist_ok=True)
+                with open(os.path.join(out, "retrieval.txt"), "w") as f:
+                    f.write(table + "\n" + retrieval.format_examples(sim, captions, num=8))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
 
