@@ -31,7 +31,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.checkpoint = dict(keep=3, keep_period=0, async_save=True)  # keep_period: also keep every P-th step (0 = off)
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1 fills the remaining devices
+    # Axis sizes within a slice (-1 fills the remaining devices), and `dcn`: how many slices
+    # (TPU multislice) or nodes (GPU clusters) each axis spans; usually dcn.data = #slices.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1))
     c.sharding_rules = []  # [[logical, mesh axis or [axes] or None], ...]; [] = defaults in vlm/sharding.py
 
     c.optim = dict(
@@ -74,7 +76,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.eval_every = 5000
         c.checkpoint_every = 2000
         c.checkpoint.keep_period = 20_000
-        c.mesh = dict(data=1, fsdp=-1, tensor=1)
+        c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
         c.optim.lr = 5e-4 if size == "B" else 3e-4
         c.optim.warmup_steps = 2000
         c.optim.weight_decay = 0.2

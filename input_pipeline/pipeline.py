@@ -146,13 +146,17 @@ def create_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_batch: int = 0,
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of this process's train batches.
 
     Yields {"video": uint8 [b, T, H, W, 3], "tokens": int32 [b, L]} with
     b = global_batch_size // process_count. The order depends only on `seed`
     and the process layout (not on worker_count). process_index/process_count
-    default to jax.process_index()/jax.process_count().
+    default to jax.process_index()/jax.process_count(). `start_batch` starts at
+    global batch k of the stream: because the stream does not depend on the
+    process layout, this resumes a run on a different number of processes (the
+    Grain state saved by N processes cannot be read by M).
     """
     process_index, process_count = _process_layout(process_index, process_count)
     local_batch_size = _local_batch_size(global_batch_size, process_count)
@@ -165,6 +169,8 @@ def create_train_iterator(
         .batch(local_batch_size, drop_remainder=True)  # batches run across epoch boundaries
         .map(TokenizeCaptions(get_tokenizer(data_config), data_config.max_text_len, keep_captions=False))
     )
+    if start_batch:
+        dataset = dataset[start_batch:]
     return iter(_with_prefetch(dataset, data_config))
 
 

@@ -76,3 +76,20 @@ def read_metrics(workdir) -> list[dict]:
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def load_checkpoint_params(workdir, step):
+    """A checkpoint's parameters as host arrays, whatever topology saved them."""
+    import os
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.device_get(checkpointer.restore(path, target))

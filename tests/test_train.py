@@ -4,10 +4,9 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import SMALL_OVERRIDES, read_metrics, run_vlm, small_config
+from tests.helpers import SMALL_OVERRIDES, load_checkpoint_params, read_metrics, run_vlm, small_config
 from vlm import sharding, train
 
 SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step")
@@ -18,8 +17,7 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def load_params(workdir, step):
-    path = os.path.join(workdir, "checkpoints", str(step), "params")
-    return ocp.StandardCheckpointer().restore(path)
+    return load_checkpoint_params(workdir, step)
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,11 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return _from_items({name: restored[name] for name in STATE_ITEMS})
 
+    def saved_process_count(self, step: int) -> int:
+        """How many processes wrote checkpoint `step` (each wrote its own data-iterator file)."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return int(meta["process_count"])
+
     def restore_params(self, step: int | None, abstract_params, shardings) -> tuple[Any, int]:
         """Parameters only (no optimizer state): for eval and downstream use."""
         step = self.latest_step() if step is None else step

@@ -27,7 +27,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         if int(config[key]) <= 0:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
     try:
-        sizes = sharding.mesh_shape(config.mesh, num_devices)
+        sizes = sharding.axis_sizes(config.mesh, num_devices)
     except sharding.MeshError as e:
         raise ConfigError(str(e)) from None
     shards = sizes["data"] * sizes["fsdp"]

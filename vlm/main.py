@@ -18,6 +18,9 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
 flags.DEFINE_integer("step", None, "eval: which checkpoint step (default: latest).")
 flags.DEFINE_integer("exit_after_step", None, "train: checkpoint and exit after this step (a preemption drill).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (else auto: env, SLURM, TPU).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string("input", None, "tokenizer train: text file, one caption per line.")
 flags.DEFINE_integer("vocab_size", None, "tokenizer train: vocabulary size.")
 flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model).")
@@ -46,6 +49,10 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
+        if command in ("train", "eval"):
+            from vlm import distributed
+
+            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if command == "train":
             _require("config", "workdir")
             try:
@@ -70,6 +77,12 @@ def main(argv: list[str]) -> None:
             print(f"wrote {path}", flush=True)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
+    except Exception:
+        # Every process logs its own error (the console of process 0 is not enough on a pod).
+        import jax
+
+        logging.exception("process %d of %d failed", jax.process_index(), jax.process_count())
+        raise
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:

@@ -45,8 +45,8 @@ class MeshError(ValueError):
     pass
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Resolves the config's axis sizes; at most one axis may be -1 (fills the rest)."""
+def mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> dict[str, int]:
+    """Resolves the config's (within-slice) axis sizes; at most one axis may be -1 (fills the rest)."""
     sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
     fill = [name for name, size in sizes.items() if size == -1]
     bad = [name for name, size in sizes.items() if size == 0 or size < -1]
@@ -75,16 +75,52 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
     return sizes
 
 
-def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (pjit-style sharding)."""
+def dcn_shape(mesh_config: Mapping[str, Any]) -> dict[str, int]:
+    """Between-slice (DCN) part of each axis; all 1 on a single slice / node."""
+    dcn = mesh_config.get("dcn") or {}
+    sizes = {name: int(dcn.get(name, 1)) for name in MESH_AXES}
+    bad = [name for name, size in sizes.items() if size < 1]
+    if bad:
+        raise MeshError(f"config.mesh.dcn.{bad[0]}={sizes[bad[0]]} must be ≥ 1 (the number of slices along that axis)")
+    return sizes
+
+
+def axis_sizes(mesh_config: Mapping[str, Any], num_devices: int) -> dict[str, int]:
+    """Total size of each mesh axis: within-slice (ICI) part × between-slice (DCN) part."""
+    dcn = dcn_shape(mesh_config)
+    slices = math.prod(dcn.values())
+    if num_devices % slices:
+        raise MeshError(
+            f"config.mesh.dcn asks for {slices} slices but {num_devices} devices do not split evenly into them"
+        )
+    ici = mesh_shape(mesh_config, num_devices // slices)
+    return {name: ici[name] * dcn[name] for name in MESH_AXES}
+
+
+def create_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (pjit-style sharding).
+
+    With `mesh.dcn` products > 1 (multislice TPU, multi-node GPU) devices are laid out
+    as a hybrid mesh, MaxText-style: the DCN part of each axis spans slices (or
+    processes, where devices have no slice_index), the ICI part stays inside one.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(mesh_config, len(devices))
-    return jax.make_mesh(
-        tuple(sizes[name] for name in MESH_AXES),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
+    dcn = dcn_shape(mesh_config)
+    slices = math.prod(dcn.values())
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        sizes = mesh_shape(mesh_config, len(devices))
+        return jax.make_mesh(tuple(sizes[n] for n in MESH_AXES), MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    ici = mesh_shape(mesh_config, len(devices) // slices)
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        tuple(ici[n] for n in MESH_AXES),
+        tuple(dcn[n] for n in MESH_AXES),
+        devices,
+        process_is_granule=not hasattr(devices[0], "slice_index"),
     )
+    return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -146,12 +182,13 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 1) -> NamedSharding:
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Each process's slice of the batch → global jax.Arrays sharded over the batch axes.
 
-    Non-numeric entries (e.g. caption strings) stay on the host and are dropped here.
+    Host-side entries stay on the host and are dropped here: strings (captions) and
+    pipeline counters named "data/..." (e.g. "data/skipped", a per-process scalar).
     """
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
-        if value.dtype == object or value.dtype.kind in "US":
+        if key.startswith("data/") or value.dtype == object or value.dtype.kind in "US":
             continue
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
     return out

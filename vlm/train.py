@@ -187,6 +187,16 @@ def model_flops_per_step(setup: Setup, batch: dict[str, jax.Array]) -> float | N
         return None
 
 
+def pipeline_counters(local_batch: dict) -> dict[str, float]:
+    """The input pipeline's "data/..." counters (e.g. records skipped), summed over processes."""
+    counters = {k: np.asarray(v, np.float64) for k, v in local_batch.items() if k.startswith("data/")}
+    if counters and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counters = {k: multihost_utils.process_allgather(v).sum() for k, v in counters.items()}
+    return {k: float(v) for k, v in counters.items()}
+
+
 def _write_config(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
@@ -228,11 +238,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
             state = setup.init()
             start_step = 0
         else:
-            state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings, data_iter)
+            saved_by = checkpointer.saved_process_count(start_step)
+            if saved_by == jax.process_count():
+                state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings, data_iter)
+            else:
+                # Each process saved its own iterator state; they cannot be re-divided. The global
+                # batch stream does not depend on the process count, so restart it at this step.
+                state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings)
+                data_iter = pipeline.create_train_iterator(
+                    config.data, global_batch_size=config.batch_size, seed=config.seed, start_batch=start_step
+                )
+                if jax.process_index() == 0:
+                    print(f"checkpoint {start_step} was written by {saved_by} processes, this run has "
+                          f"{jax.process_count()}: model and optimizer state restored; the data iterator is "
+                          f"re-sharded from global batch {start_step} (the same batches the original run would "
+                          f"have read)", flush=True)
             if jax.process_index() == 0:
                 print(f"resumed from {checkpointer.directory}/{start_step}", flush=True)
         for step in range(start_step, config.total_steps):
-            batch = sharding.global_batch(next(data_iter), mesh)
+            local_batch = next(data_iter)
+            batch = sharding.global_batch(local_batch, mesh)
             if timer is None:
                 flops = model_flops_per_step(setup, batch)
                 timer = metrics_lib.StepTimer(config.batch_size, flops, config.total_steps)
@@ -243,6 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
                 timer.start(done)
             if done % config.log_every == 0 or done == config.total_steps:
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host.update(pipeline_counters(local_batch))
                 speed, eta = timer.lap(done)
                 last.update(host)
                 writer.write(done, {**host, **speed}, eta_s=eta)

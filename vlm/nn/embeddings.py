@@ -6,13 +6,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vlm.nn.linear import Dense, Dtype
 
 # ImageNet statistics: video arrives as uint8 and the model normalises (DESIGN.md).
-RGB_MEAN = jnp.array([0.485, 0.456, 0.406]) * 255.0
-RGB_STD = jnp.array([0.229, 0.224, 0.225]) * 255.0
+RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+RGB_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0  # numpy: importing must not start the JAX backend
 
 
 class TubeletEmbed(nnx.Module):
