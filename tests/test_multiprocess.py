@@ -18,12 +18,12 @@ LAUNCH = os.path.join(ROOT, "launch", "local.py")
 STEPS = 6
 
 
-def train_args(workdir, data_dir, *extra):
+def train_args(workdir, data_dir, *extra, hybrid=False):
+    """The same (data=2, fsdp=4) mesh in every run; with `hybrid`, data spans the 2 processes as DCN."""
+    mesh = (["--config.mesh.data=1", "--config.mesh.dcn.data=2"] if hybrid else ["--config.mesh.data=2"])
     return ["train", "--config=configs/dual_encoder.py:tiny", *SMALL_OVERRIDES, f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.log_every=1",
-            "--config.checkpoint_every=100", "--config.eval_every=100",
-            # Same mesh shape in every run: data=2 x fsdp=4 over 8 devices.
-            "--config.mesh.data=2", "--config.mesh.fsdp=4", *extra]
+            "--config.checkpoint_every=100", "--config.eval_every=100", *mesh, "--config.mesh.fsdp=4", *extra]
 
 
 def launch(*args, processes=2, devices=4, log_dir=None, timeout=300):
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
     data = tmp / "data"
     out = {}
     # 2 processes x 4 devices, uninterrupted.
-    proc = launch(*train_args(tmp / "two", data), log_dir=tmp / "logs_two")
+    proc = launch(*train_args(tmp / "two", data, hybrid=True), log_dir=tmp / "logs_two")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out["two"] = tmp / "two"
     # 1 process x 8 devices, uninterrupted.
@@ -57,10 +57,10 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out["one"] = tmp / "one"
     # 2 processes, interrupted after step 3; resumed by 2 processes and (a copy) by 1 process.
-    proc = launch(*train_args(tmp / "cut", data, "--exit_after_step=3"), log_dir=tmp / "logs_cut")
+    proc = launch(*train_args(tmp / "cut", data, "--exit_after_step=3", hybrid=True), log_dir=tmp / "logs_cut")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     shutil.copytree(tmp / "cut", tmp / "cut_one")
-    proc = launch(*train_args(tmp / "cut", data), log_dir=tmp / "logs_cut2")
+    proc = launch(*train_args(tmp / "cut", data, hybrid=True), log_dir=tmp / "logs_cut2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out["resumed_two"], out["resumed_two_stdout"] = tmp / "cut", proc.stdout
     proc = run_vlm(*train_args(tmp / "cut_one", data), devices=8)
@@ -71,6 +71,7 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_train_like_one(runs):
+    """2 processes x 4 devices (data across processes via a hybrid DCN mesh) vs 1 x 8, same mesh shape."""
     two, one = losses(runs["two"]), losses(runs["one"])
     assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([two[s] for s in two], [one[s] for s in two], rtol=1e-5)
@@ -103,7 +104,7 @@ def test_checkpoint_of_two_processes_resumes_in_two_and_in_one(runs):
 def test_killing_one_process_ends_the_job(tmp_path):
     cmd = [sys.executable, LAUNCH, "--processes=2", "--devices_per_process=2", f"--log_dir={tmp_path}/logs", "--",
            sys.executable, "-m", "vlm.main", *train_args(tmp_path / "w", tmp_path / "data")[:-2],
-           "--config.mesh.data=-1", "--config.total_steps=100000"]
+           "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.total_steps=100000"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = []

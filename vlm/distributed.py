@@ -5,9 +5,10 @@
      variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (set by
      launch/local.py, GKE manifests, ...);
   2. SLURM (`srun` sets SLURM_JOB_ID, SLURM_NTASKS > 1): JAX reads the coordinator, process
-     count and id from SLURM's environment;
-  3. a Cloud TPU VM slice with several hosts (TPU_WORKER_HOSTNAMES lists more than one):
-     JAX reads the topology from the TPU metadata;
+     count and id from SLURM's environment (with one task per node, each process takes all
+     of its node's GPUs);
+  3. a Cloud TPU VM (libtpu installed, or TPU_WORKER_HOSTNAMES on GKE): JAX reads the
+     slice's hosts from the TPU metadata;
   4. otherwise a single process, and nothing is initialised.
 It must run before anything asks JAX for its devices.
 """
@@ -38,11 +39,34 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
             raise ValueError(f"--process_id={index} must be in [0, {count}) for --num_processes={count}")
         return "explicit", dict(coordinator_address=address, num_processes=count, process_id=index)
     if env.get("SLURM_JOB_ID") and (_env_int_from(env, "SLURM_NTASKS") or 1) > 1:
-        return "slurm", {}
+        return "slurm", _slurm_local_devices(env)
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(hosts) > 1:
+    if len(hosts) > 1 or (_has_libtpu() and not env.get("JAX_PLATFORMS", "").startswith("cpu")):
+        # On a Cloud TPU VM JAX reads the slice's hosts from the metadata server; with one
+        # host this is a one-process "cluster", which is harmless.
         return "tpu", {}
     return "single", {}
+
+
+def _has_libtpu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def _slurm_local_devices(env) -> dict:
+    """One task per node should drive all of the node's GPUs.
+
+    JAX's SLURM detection gives each process only GPU $SLURM_LOCALID, right for one task
+    per GPU but leaving 7 of 8 idle with one task per node.
+    """
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
+        return dict(local_device_ids=[int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")])
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0]
+    gpus = _env_int_from(env, "SLURM_GPUS_ON_NODE")
+    if per_node == "1" and gpus:
+        return dict(local_device_ids=list(range(gpus)))
+    return {}
 
 
 def _env_int_from(env, name: str) -> int | None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
 
 import jax
+from etils import epath
 
 # Peak dense bf16 FLOP/s per chip (vendor datasheets). Matched against device_kind.
 PEAK_BF16_FLOPS = (
@@ -46,12 +46,13 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         if self.enabled and workdir:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            root = epath.Path(workdir)  # local or a bucket (gs://...)
+            root.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (root / "metrics.jsonl").open("a")
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], *, eta_s: float | None = None) -> None:
         if not self.enabled:

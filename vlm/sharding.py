@@ -102,7 +102,7 @@ def create_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | 
 
     With `mesh.dcn` products > 1 (multislice TPU, multi-node GPU) devices are laid out
     as a hybrid mesh, MaxText-style: the DCN part of each axis spans slices (or
-    processes, where devices have no slice_index), the ICI part stays inside one.
+    processes, where all devices are in one slice), the ICI part stays inside one.
     """
     devices = list(devices if devices is not None else jax.devices())
     dcn = dcn_shape(mesh_config)
@@ -118,7 +118,8 @@ def create_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | 
         tuple(ici[n] for n in MESH_AXES),
         tuple(dcn[n] for n in MESH_AXES),
         devices,
-        process_is_granule=not hasattr(devices[0], "slice_index"),
+        # TPU multislice: granules are slices. GPUs/CPUs (one "slice"): granules are processes (hosts).
+        process_is_granule=len({getattr(d, "slice_index", 0) for d in devices}) == 1,
     )
     return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=axis_types)
 

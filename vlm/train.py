@@ -7,7 +7,6 @@ jitted init (or restore) → jitted step → loop with logging, eval and checkpo
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from etils import epath
 import numpy as np
 import optax
 from flax import nnx
@@ -200,18 +200,18 @@ def pipeline_counters(local_batch: dict) -> dict[str, float]:
 def _write_config(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_lib.to_json(config))
-    os.replace(tmp, path)
+    # epath: the workdir may be a bucket (gs://...), as on a pod.
+    path = epath.Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / "config.json.tmp"
+    tmp.write_text(config_lib.to_json(config))
+    tmp.replace(path)
 
 
 def create_checkpointer(config, workdir: str) -> checkpoint_lib.Checkpointer:
     c = config.checkpoint
     return checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=c.keep, keep_period=c.keep_period, async_save=c.async_save
+        str(epath.Path(workdir) / "checkpoints"), keep=c.keep, keep_period=c.keep_period, async_save=c.async_save
     )
 
 
@@ -289,11 +289,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
 def evaluate(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
     """Evaluates a checkpoint of `workdir` (latest, or `step`) with the run's saved config."""
     if config is None:
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        path = epath.Path(workdir) / "config.json"
+        if not path.exists():
             raise FileNotFoundError(f"{path} not found; --workdir must be the workdir of a `vlm train` run")
-        with open(path) as f:
-            config = config_lib.from_json(f.read())
+        config = config_lib.from_json(path.read_text())
     config_lib.validate(config, jax.device_count())
     mesh = sharding.create_mesh(config.mesh)
     setup = build(config, mesh)

@@ -7,9 +7,9 @@ the batch axes and the [B, B] similarity matrix is built by XLA's collectives.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
+from etils import epath
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -141,10 +141,9 @@ class Task:
             table = retrieval.format_table(metrics, num_pairs=len(captions))
             print(f"step {step}: " + table, end="", flush=True)
             if workdir:
-                out = os.path.join(workdir, "samples", str(step))
-                os.makedirs(out, exist_ok=True)
-                with open(os.path.join(out, "retrieval.txt"), "w") as f:
-                    f.write(table + "\n" + retrieval.format_examples(sim, captions, num=8))
+                out = epath.Path(workdir) / "samples" / str(step)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "retrieval.txt").write_text(table + "\n" + retrieval.format_examples(sim, captions, num=8))
         return {f"eval/{k}": v for k, v in metrics.items()}
 
 
