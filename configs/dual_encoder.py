@@ -45,6 +45,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.name = "dual_encoder"
     c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     c.model.remat = "none"  # none | full | dots | dots_no_batch (vlm/nn/transformer.py)
+    c.model.attention_impl = "xla"  # xla | cudnn (fused flash attention; NVIDIA GPUs, bfloat16)
     c.model.embed_dim = 128
     c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)

@@ -36,3 +36,20 @@ def test_writer_writes_jsonl_and_console(tmp_path, capsys):
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["step"] == 5 and row["train/loss"] == 1.5
     assert "[     5/10  50.0%] loss=1.5 eta=1m05s" in capsys.readouterr().out
+
+
+def test_flops_are_counted_for_any_attention_implementation():
+    """A fused kernel (cuDNN) cannot be lowered on CPU; the count uses the XLA twin of the model."""
+    import jax
+
+    from tests.helpers import random_batch, small_config
+    from vlm import sharding, train
+
+    config = small_config(data=1, fsdp=1, tensor=1)
+    config.model.dtype = "bfloat16"
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config).items()}
+    xla = train.model_flops_per_step(train.build(config, mesh), batch)
+    config.model.attention_impl = "cudnn"
+    cudnn = train.model_flops_per_step(train.build(config, mesh), batch)
+    assert xla > 1e6 and cudnn == xla

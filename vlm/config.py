@@ -50,6 +50,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.model.remat={config.model.remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}")
+    from vlm.nn.attention import ATTENTION_IMPLS
+
+    impl = config.model.get("attention_impl", "xla")
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"config.model.attention_impl={impl!r} is unknown; choose one of {', '.join(ATTENTION_IMPLS)}")
+    if impl == "cudnn" and config.model.dtype == "float32":
+        raise ConfigError("config.model.attention_impl='cudnn' needs config.model.dtype=bfloat16 (cuDNN has no float32 kernel)")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={config.model.dtype!r} is unknown; use float32 or bfloat16")
     from vlm import tasks

@@ -168,6 +168,13 @@ def model_flops_per_step(setup: Setup, batch: dict[str, jax.Array]) -> float | N
     ~4% of the FLOPs). The count depends only on the program and its shapes.
     """
     task, graphdef = setup.task, setup.graphdef
+    if setup.config.model.get("attention_impl", "xla") != "xla":
+        # A fused GPU kernel has no CPU lowering; the same attention written in XLA counts the same FLOPs.
+        config = ml_collections.ConfigDict(setup.config.to_dict())
+        config.model.attention_impl = "xla"
+        task = tasks.get(config)
+        with sharding.use_mesh(setup.mesh, setup.rules):
+            graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)[0]
 
     def forward(params, batch):
         model = nnx.merge(graphdef, params)

@@ -31,11 +31,12 @@ class TextEncoder(nnx.Module):
         mlp_dim: int,
         remat: str = "none",
         dtype=jnp.float32,
+        attention_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         self.embed = TokenEmbed(vocab_size, width, dtype=dtype, rngs=rngs)
         self.pos = LearnedPositions(max_len, width, "tokens", rngs=rngs)
-        self.encoder = Encoder(width, depth, num_heads, mlp_dim, remat=remat, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(width, depth, num_heads, mlp_dim, remat=remat, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         self.width = width
 
     def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -39,6 +39,7 @@ class VideoEncoder(nnx.Module):
         attention: str = "joint",
         remat: str = "none",
         dtype=jnp.float32,
+        attention_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         if attention not in ("joint", "divided"):
@@ -48,7 +49,7 @@ class VideoEncoder(nnx.Module):
         self.embed = TubeletEmbed(tubelet, width, dtype=dtype, rngs=rngs)
         self.temporal_pos = LearnedPositions(-(-num_frames // t), width, "frames", rngs=rngs)
         self.spatial_pos = LearnedPositions((resolution // p) * (resolution // q), width, "tokens", rngs=rngs)
-        self.encoder = Encoder(width, depth, num_heads, mlp_dim, block=attention, remat=remat, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(width, depth, num_heads, mlp_dim, block=attention, remat=remat, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         self.width = width
 
     def __call__(self, video: jax.Array) -> jax.Array:

@@ -28,9 +28,10 @@ def check_remat(name: str) -> None:
 class Block(nnx.Module):
     """x + Attn(LN(x)), then x + MLP(LN(x)). x: [B, N, D]."""
 
-    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, attention_impl: str = "xla",
+                 rngs: nnx.Rngs):
         self.norm1 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.norm2 = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -46,11 +47,12 @@ class DividedBlock(nnx.Module):
     x: [B, T, S, D] (T frames of S spatial tokens).
     """
 
-    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, attention_impl: str = "xla",
+                 rngs: nnx.Rngs):
         self.norm_t = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.attn_t = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn_t = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.norm_s = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.attn_s = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn_s = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.norm2 = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -78,11 +80,15 @@ class Encoder(nnx.Module):
         block: str = "joint",
         remat: str = "none",
         dtype: Dtype = jnp.float32,
+        attention_impl: str = "xla",
         rngs: nnx.Rngs,
     ):
         check_remat(remat)
         block_cls = {"joint": Block, "divided": DividedBlock}[block]
-        self.blocks = nnx.List([block_cls(width, num_heads, mlp_dim, dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.blocks = nnx.List([
+            block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+            for _ in range(depth)
+        ])
         self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.remat = remat
 

@@ -80,6 +80,7 @@ class Task:
             attention=m.video.attention,
             remat=m.remat,
             dtype=dtype,
+            attention_impl=m.attention_impl,
             rngs=rngs,
         )
         text = TextEncoder(
@@ -91,6 +92,7 @@ class Task:
             mlp_dim=m.text.mlp_dim,
             remat=m.remat,
             dtype=dtype,
+            attention_impl=m.attention_impl,
             rngs=rngs,
         )
         return DualEncoder(video, text, m.embed_dim, loss=self.task_config.loss, dtype=dtype, rngs=rngs)
