@@ -125,3 +125,28 @@ def test_run_writes_tensorboard_and_progress(resumed_runs):
     for key in ("step", "train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "train/examples_per_s",
                 "train/model_flops_per_step"):
         assert key in row, key
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    """Preemption (SIGTERM): the step in flight finishes, is checkpointed, and the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "vlm.main", "train", "--config=configs/dual_encoder.py:tiny", *SMALL_OVERRIDES,
+           f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/data", "--config.total_steps=100000",
+           "--config.log_every=1", "--config.checkpoint_every=100000", "--config.eval_every=100000"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "loss=" not in proc.stdout.readline():
+        assert time.time() < deadline and proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "preempted (SIGTERM): checkpointed step" in stdout
+    step = int(stdout.split("checkpointed step ")[1].split(";")[0])
+    assert os.listdir(tmp_path / "w" / "checkpoints") == [str(step)]
+    assert max(m["step"] for m in read_metrics(tmp_path / "w")) == step

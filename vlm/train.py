@@ -237,9 +237,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
     data_iter = pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
     checkpointer = create_checkpointer(config, workdir)
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)
+    preempted = _PreemptionFlag()
     timer = None
     last: dict[str, float] = {}
-    with sharding.use_mesh(mesh, setup.rules):
+    with sharding.use_mesh(mesh, setup.rules), preempted:
         start_step = checkpointer.latest_step()
         if start_step is None:
             state = setup.init()
@@ -279,8 +280,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
                 speed, eta = timer.lap(done)
                 last.update(host)
                 writer.write(done, {**host, **speed}, eta_s=eta)
-            if done % config.checkpoint_every == 0 or done == config.total_steps or done == exit_after_step:
+            was_preempted = preempted.is_set()
+            if (done % config.checkpoint_every == 0 or done == config.total_steps or done == exit_after_step
+                    or was_preempted):
                 checkpointer.save(done, state, data_iter)
+            if was_preempted:
+                if jax.process_index() == 0:
+                    print(f"preempted (SIGTERM): checkpointed step {done}; the same command resumes", flush=True)
+                break
             if done % config.eval_every == 0 or done == config.total_steps:
                 eval_metrics = setup.task.evaluate(setup.model(state["params"]), mesh=mesh, step=done, workdir=workdir)
                 last.update(eval_metrics)
@@ -291,6 +298,42 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
     checkpointer.close()
     writer.close()
     return last
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM (how TPU/GKE/SLURM announce preemption): the loop checkpoints and exits.
+
+    Every process gets the signal, but acting on it must be collective (the checkpoint is a
+    collective write), so the flag is agreed across processes each step it is consulted.
+    """
+
+    def __init__(self):
+        self._local = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        self._local = True
+
+    def is_set(self) -> bool:
+        if jax.process_count() == 1:
+            return self._local
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.asarray(self._local)).any())
 
 
 def evaluate(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
