@@ -150,3 +150,23 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     step = int(stdout.split("checkpointed step ")[1].split(";")[0])
     assert os.listdir(tmp_path / "w" / "checkpoints") == [str(step)]
     assert max(m["step"] for m in read_metrics(tmp_path / "w")) == step
+
+
+def test_load_model_for_downstream_use(resumed_runs):
+    """A user loads the trained dual encoder from the workdir and embeds held-out pairs."""
+    import jax.numpy as jnp
+
+    from input_pipeline import pipeline
+    from vlm.eval import retrieval
+
+    straight, _, _ = resumed_runs
+    model, config, step = train.load_model(str(straight))
+    assert step == 8 and config.batch_size == 16
+    batch = next(iter(pipeline.create_eval_iterator(config.data, global_batch_size=256, process_index=0,
+                                                    process_count=1)))
+    video_emb, text_emb = model(jnp.asarray(batch["video"]), jnp.asarray(batch["tokens"]))
+    assert video_emb.shape == (256, config.model.embed_dim)
+    # The same numbers as the train-time evaluation of this checkpoint.
+    metrics = retrieval.retrieval_metrics(np.asarray(text_emb @ video_emb.T))
+    train_eval = [m for m in read_metrics(straight) if "eval/t2v_r1" in m][-1]
+    assert metrics["t2v_r1"] == pytest.approx(train_eval["eval/t2v_r1"], abs=1 / 256 + 1e-9)

@@ -336,13 +336,37 @@ class _PreemptionFlag:
         return bool(multihost_utils.process_allgather(np.asarray(self._local)).any())
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a `vlm train` run saved in its workdir."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; --workdir must be the workdir of a `vlm train` run")
+    return config_lib.from_json(path.read_text())
+
+
+def load_model(workdir: str, *, step: int | None = None, devices=None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+    """(model, config, step) from a run's checkpoint, parameters only: for downstream use.
+
+        model, config, step = vlm.train.load_model("/tmp/vlm_tiny")
+        video_emb, text_emb = model(video, tokens)
+
+    By default the model lives on one device (data parallel over `devices` if given).
+    """
+    config = load_config(workdir)
+    devices = list(devices or jax.devices()[:1])
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
+    mesh = sharding.create_mesh(config.mesh, devices)
+    setup = build(config, mesh)
+    checkpointer = create_checkpointer(config, workdir)
+    params, step = checkpointer.restore_params(step, setup.abstract_state["params"], setup.state_shardings["params"])
+    checkpointer.close()
+    return setup.model(params), config, step
+
+
 def evaluate(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
     """Evaluates a checkpoint of `workdir` (latest, or `step`) with the run's saved config."""
-    if config is None:
-        path = epath.Path(workdir) / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found; --workdir must be the workdir of a `vlm train` run")
-        config = config_lib.from_json(path.read_text())
+    config = config or load_config(workdir)
     config_lib.validate(config, jax.device_count())
     mesh = sharding.create_mesh(config.mesh)
     setup = build(config, mesh)
