@@ -51,17 +51,32 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)
 
     c.data = dict(
+        # "synthetic" (built in) or a dataset built by `vlm data build --name=NAME` (NAME[/CONFIG][:VERSION]).
+        # It is also the eval dataset and the tokenizer's caption source.
         name="synthetic",
+        data_dir="",  # "" = $VLM_DATA_DIR or ~/.cache/vlm/data; where built datasets and cached tokenizers live
+        train_split="train",  # tfds split syntax: "train", "train[:95%]", "train+extra"
+        eval_split="",  # "" = synthetic: heldout; built: validation, else test
+        # Training mixture instead of `name` alone: dicts with name, weight (1), split (train_split),
+        # data_dir (data_dir), start_step (0), end_step (None: to the end), e.g. an image-then-video
+        # curriculum: (dict(name="images", end_step=5000), dict(name="images", weight=0.2, start_step=5000),
+        # dict(name="videos", weight=0.8, start_step=5000)).
+        sources=(),
         num_frames=8,
-        resolution=32,
-        train_size=1_000_000,
-        eval_size=256,
-        max_objects=1,
+        resolution=32,  # frames are resized (shorter side) and cropped to resolution x resolution
+        sampling="segments",  # segments: a random frame per segment in training, the middle one in eval; uniform; fps
+        sample_fps=0.0,  # frames per second, for sampling="fps" (a random window of num_frames / sample_fps s)
+        short_clips="repeat",  # clips with fewer frames than num_frames: repeat frames, or "pad" (frame_mask False)
+        train_crop="random",  # or "center"; eval always crops the centre
+        train_flip=False,  # random horizontal flips (off: captions say "left" and "right")
+        decode_threads=1,  # FFmpeg threads per clip; worker processes are the main parallelism
+        train_size=1_000_000,  # synthetic only
+        eval_size=256,  # synthetic: held-out examples; built: at most this many of eval_split
+        max_objects=1,  # synthetic only
         max_text_len=16,
         vocab_size=128,  # BPE: one piece per word of the synthetic captions (64 splits words)
         tokenizer="",  # a SentencePiece .model; "" = train one on the train captions, cached in data_dir
-        data_dir="",  # "" = $VLM_DATA_DIR or ~/.cache/vlm/data
-        worker_count=0,
+        worker_count=0,  # Grain worker processes that read, decode and batch (0 = in the training process)
         prefetch=2,
     )
 

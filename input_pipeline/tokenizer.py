@@ -5,8 +5,10 @@ Ids: pad=0 (also the padding of every token batch), unk=1, bos=2, eos=3.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -141,16 +143,39 @@ def default_data_dir() -> str:
 
 
 def _training_captions(data_config) -> tuple[str, Iterable[str]]:
-    """(cache name, train-split captions) for the configured dataset."""
-    if data_config.name == "synthetic":
+    """(cache name, train-split captions) for the configured dataset, or the training mixture's datasets."""
+    sources = data_config.get("sources") or ()
+    if data_config.name == "synthetic" and not sources:
         from input_pipeline import synthetic
 
         num_captions = min(NUM_TOKENIZER_TRAINING_CAPTIONS, data_config.train_size)
         name = f"synthetic_max_objects{data_config.max_objects}_captions{num_captions}_vocab{data_config.vocab_size}"
         return name, synthetic.captions("train", num_captions, max_objects=data_config.max_objects)
-    raise ValueError(
-        f"no captions to train a tokenizer for dataset {data_config.name!r}; set data.tokenizer to a .model path"
-    )
+    from input_pipeline import datasets, pipeline, synthetic
+
+    # Equal shares of the captions from every dataset the model trains on.
+    keys = list(dict.fromkeys((s.name, s.split, s.data_dir) for s in pipeline.train_sources(data_config)))
+    share = max(NUM_TOKENIZER_TRAINING_CAPTIONS // len(keys), 1)
+    texts, parts, fingerprint = [], [], hashlib.sha1()
+    for name, split, data_dir in keys:
+        if name == "synthetic":
+            count = min(share, data_config.train_size)
+            texts.extend(synthetic.captions("train", count, max_objects=data_config.max_objects))
+            fingerprint.update(f"synthetic{data_config.max_objects}".encode())
+        else:
+            try:
+                path = datasets.dataset_path(name, data_dir)
+                texts.extend(datasets.captions(name, split, data_dir, share))
+            except datasets.DatasetError as e:
+                raise datasets.DatasetError(
+                    f"no captions to train a tokenizer on: {e}; or set data.tokenizer to a SentencePiece .model"
+                ) from None
+            fingerprint.update((path / "dataset_info.json").read_bytes() + split.encode())
+        parts.append(re.sub(r"[^\w.-]", "-", name))
+    if not texts:
+        raise ValueError(f"no captions to train a tokenizer on in {', '.join(parts)}; set data.tokenizer to a .model path")
+    name = f"{'+'.join(parts)}_{fingerprint.hexdigest()[:10]}_captions{len(texts)}_vocab{data_config.vocab_size}"
+    return name, texts
 
 
 def get_tokenizer(data_config) -> Tokenizer:
@@ -171,7 +196,11 @@ def get_tokenizer(data_config) -> Tokenizer:
 
 
 def main_train(input_path: str, vocab_size: int, output_prefix: str) -> str:
-    """`vlm tokenizer train`: trains on a text file of one caption per line; returns the .model path."""
+    """`vlm tokenizer train`: trains on a text file of one caption per line, or on the captions
+    of a built dataset's train split (--input=DATA_DIR/NAME, or DATA_DIR/NAME/VERSION); returns
+    the .model path."""
+    if os.path.isdir(input_path):
+        return train_tokenizer(_dataset_captions(input_path), vocab_size, output_prefix)
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"caption file not found: {input_path}")
     with open(input_path, encoding="utf-8") as lines:
@@ -181,3 +210,31 @@ def main_train(input_path: str, vocab_size: int, output_prefix: str) -> str:
         if not first:
             raise ValueError(f"caption file has no captions: {input_path}")
         return train_tokenizer(itertools.chain(first, nonblank), vocab_size, output_prefix)
+
+
+# Captions `vlm tokenizer train` reads at most from a built dataset (from its captions file, or,
+# for a Beam build without one, from its records, which reads their media too).
+MAX_DATASET_CAPTIONS = 100_000
+
+
+def _dataset_captions(folder: str) -> list[str]:
+    """The train split's captions (up to MAX_DATASET_CAPTIONS) of the built dataset in `folder`
+    (DATA_DIR/NAME[/CONFIG][/VERSION]; the latest version)."""
+    from input_pipeline import datasets
+
+    path = folder.rstrip("/")
+    if not os.path.exists(os.path.join(path, "dataset_info.json")):
+        versions = sorted(
+            (v for v in os.listdir(path) if re.fullmatch(r"\d+\.\d+\.\d+", v)
+             and os.path.exists(os.path.join(path, v, "dataset_info.json"))),
+            key=lambda v: tuple(map(int, v.split("."))),
+        )
+        if not versions:
+            raise FileNotFoundError(
+                f"{folder} is neither a caption file nor a built dataset (no dataset_info.json in it or a version folder)"
+            )
+        path = os.path.join(path, versions[-1])
+    texts = datasets.captions_in(path, "train", MAX_DATASET_CAPTIONS)
+    if not texts:
+        raise ValueError(f"built dataset {path} has no train captions")
+    return texts

@@ -3,6 +3,7 @@
   vlm train --config=configs/dual_encoder.py:tiny --workdir=W [--config.key=value ...]
   vlm eval --workdir=W [--step=N]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
+  vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train")
+COMMANDS = ("train", "eval", "tokenizer train", "data build")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -24,6 +25,18 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string("input", None, "tokenizer train: text file, one caption per line.")
 flags.DEFINE_integer("vocab_size", None, "tokenizer train: vocabulary size.")
 flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model).")
+flags.DEFINE_string("manifest", None, "data build: JSONL or CSV manifest of media paths and captions.")
+flags.DEFINE_string("data_dir", None, "data build: where datasets live (writes DATA_DIR/NAME/VERSION).")
+flags.DEFINE_string("name", None, "data build: the dataset's name (then --config.data.name=NAME).")
+flags.DEFINE_integer("max_short_side", 0, "data build: re-encode so the shorter side is at most this (0 = keep).")
+flags.DEFINE_float("max_fps", 0.0, "data build: re-encode to at most this frame rate (0 = keep).")
+flags.DEFINE_float("max_duration", 0.0, "data build: re-encode, keeping at most this many seconds per clip (0 = all).")
+flags.DEFINE_float("keyframe_interval", 1.0, "data build: seconds between keyframes when re-encoding.")
+flags.DEFINE_integer("crf", 23, "data build: x264 CRF when re-encoding (lower = better and larger).")
+flags.DEFINE_bool("reencode", False, "data build: re-encode every video, also within the limits (keyframe spacing).")
+flags.DEFINE_bool("overwrite", False, "data build: replace an existing dataset of the same name and version.")
+flags.DEFINE_string("beam_pipeline_options", None,
+                    "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +58,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:  # Orbax logs every file it renames at INFO; -v 0 brings it back
         logging.set_verbosity(logging.WARNING)
 
-    command = " ".join(argv[1:3]) if argv[1:2] == ["tokenizer"] else " ".join(argv[1:2])
+    command = " ".join(argv[1:3]) if argv[1:2] in (["tokenizer"], ["data"]) else " ".join(argv[1:2])
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
@@ -69,6 +82,9 @@ def main(argv: list[str]) -> None:
 
             metrics = train.evaluate(FLAGS.workdir, step=FLAGS.step)
             print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        elif command == "data build":
+            _require("manifest", "data_dir", "name")
+            _data_build()
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
@@ -83,6 +99,39 @@ def main(argv: list[str]) -> None:
 
         logging.exception("process %d of %d failed", jax.process_index(), jax.process_count())
         raise
+
+
+def _data_build() -> None:
+    """`vlm data build`: a video/image-caption dataset from a manifest (input_pipeline/builders)."""
+    from input_pipeline.builders import manifest, media, video_captions
+
+    try:  # flag values first: one line each
+        options = media.EncodeOptions(
+            FLAGS.max_short_side, FLAGS.max_fps, FLAGS.max_duration, FLAGS.keyframe_interval, FLAGS.crf,
+            FLAGS.reencode,
+        )
+        options.validate()
+        video_captions.named_builder_class(FLAGS.name)
+    except ValueError as e:
+        _fail(str(e))
+    if FLAGS.beam_pipeline_options:
+        try:
+            import apache_beam  # noqa: F401
+        except ImportError:
+            _fail("--beam_pipeline_options needs Apache Beam, which is not installed: pip install apache-beam")
+    try:
+        summary = video_captions.build(
+            FLAGS.manifest,
+            FLAGS.data_dir,
+            FLAGS.name,
+            options,
+            overwrite=FLAGS.overwrite,
+            beam_pipeline_options=FLAGS.beam_pipeline_options,
+        )
+    except (manifest.ManifestError, FileExistsError) as e:
+        _fail(str(e))
+    print("\n".join(summary.lines()), flush=True)
+    print(f"train on it with: --config.data.name={FLAGS.name} --config.data.data_dir={FLAGS.data_dir}", flush=True)
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:
