@@ -30,6 +30,8 @@ def run_cli(*args, devices=8, timeout=120):
         (["--config.mesh.data=3"], "config.mesh data=3*fsdp=1*tensor=1 needs 3 devices but 8 are available"),
         (["--config.batch_size=12"], "config.batch_size=12 (microbatch 12) does not divide over the batch axes data*fsdp=8"),
         (["--config.optim.lr=fast"], "flag --config.optim.lr=fast: could not convert string to float"),
+        # 4 attention heads cannot be split 8 ways: caught on abstract shapes, before compiling.
+        (["--config.mesh.data=1", "--config.mesh.tensor=8"], "does not split over mesh axes tensor=8"),
     ],
 )
 def test_cli_bad_config_is_one_line(tmp_path, args, expected):

@@ -193,3 +193,26 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh)
             continue
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
     return out
+
+
+def check_divisible(abstract_tree, shardings) -> None:
+    """Every sharded dimension must split evenly over its mesh axes; raises one line naming the first that doesn't.
+
+    Runs on abstract shapes, before anything is allocated or compiled.
+    """
+    from vlm.config import ConfigError
+
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+    specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), named in zip(leaves, specs):
+        for dim, axes in enumerate(named.spec):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(named.mesh.shape[a] for a in axes)
+            if leaf.shape[dim] % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ConfigError(
+                    f"parameter {name} has size {leaf.shape[dim]} in dimension {dim}, which does not split over mesh "
+                    f"axes {'x'.join(axes)}={ways}; change config.mesh (e.g. --config.mesh.{axes[0]}=1) or the model size"
+                )

@@ -106,6 +106,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
         abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
         graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+        sharding.check_divisible(nnx.to_pure_dict(abstract_params), param_shardings)
 
     def init() -> State:
         model = task.build_model(nnx.Rngs(config.seed))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlm import sharding
 from vlm.nn.linear import Dense, Dtype
 
 # ImageNet statistics: video arrives as uint8 and the model normalises (DESIGN.md).
@@ -65,4 +66,8 @@ class TokenEmbed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # FSDP: gather the table's embed dim first, so the lookup's output comes out sharded
+        # over the batch like `ids` (otherwise XLA reshards it by full rematerialisation).
+        table = sharding.constrain(self.embedding[...], ("vocab", None))  # [V, D]
+        out = jnp.take(table, ids, axis=0).astype(self.dtype)  # [B, L, D]
+        return sharding.constrain(out, ("batch", "tokens", "embed"))
