@@ -235,34 +235,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
     mesh = sharding.create_mesh(config.mesh)
     setup = build(config, mesh)
 
-    data_iter = pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
     checkpointer = create_checkpointer(config, workdir)
     writer = metrics_lib.MetricWriter(workdir, config.total_steps)
     preempted = _PreemptionFlag()
     timer = None
     last: dict[str, float] = {}
+    start_step = checkpointer.latest_step()
+    # Each process saved its own iterator state, which cannot be re-divided among a different number
+    # of processes. The global batch stream does not depend on the process count, so then the stream
+    # restarts at the checkpoint's step instead: the same batches the original run would have read.
+    saved_by = checkpointer.saved_process_count(start_step) if start_step is not None else jax.process_count()
+    reshard_data = saved_by != jax.process_count()
+    data_iter = pipeline.create_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        start_batch=start_step if reshard_data else 0,
+    )
     with sharding.use_mesh(mesh, setup.rules), preempted:
-        start_step = checkpointer.latest_step()
         if start_step is None:
             state = setup.init()
             start_step = 0
         else:
-            saved_by = checkpointer.saved_process_count(start_step)
-            if saved_by == jax.process_count():
-                state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings, data_iter)
-            else:
-                # Each process saved its own iterator state; they cannot be re-divided. The global
-                # batch stream does not depend on the process count, so restart it at this step.
-                state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings)
-                data_iter = pipeline.create_train_iterator(
-                    config.data, global_batch_size=config.batch_size, seed=config.seed, start_batch=start_step
-                )
-                if jax.process_index() == 0:
+            restored_iter = None if reshard_data else data_iter
+            state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings, restored_iter)
+            if jax.process_index() == 0:
+                if reshard_data:
                     print(f"checkpoint {start_step} was written by {saved_by} processes, this run has "
                           f"{jax.process_count()}: model and optimizer state restored; the data iterator is "
                           f"re-sharded from global batch {start_step} (the same batches the original run would "
                           f"have read)", flush=True)
-            if jax.process_index() == 0:
                 print(f"resumed from {checkpointer.directory}/{start_step}", flush=True)
         for step in range(start_step, config.total_steps):
             local_batch = next(data_iter)
