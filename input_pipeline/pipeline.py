@@ -65,7 +65,7 @@ setting = datasets.setting
 def _config_error(message: str) -> Exception:
     """A one-line config error: vlm's ConfigError when vlm is there (the CLI prints it as one line)."""
     try:
-        from vlm.config import ConfigError
+        from vlm.errors import ConfigError
     except ImportError:  # input_pipeline used on its own
         return ValueError(message)
     return ConfigError(message)

@@ -7,15 +7,12 @@ import json
 import ml_collections
 
 from vlm import sharding
+from vlm.errors import ConfigError  # noqa: F401  (re-exported: callers catch vlm.config.ConfigError)
 
 REQUIRED_KEYS = (
     "seed", "total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
     "mesh", "optim", "model", "data", "task",
 )
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line naming the key and the fix."""
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

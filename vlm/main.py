@@ -53,7 +53,7 @@ def _require(*names: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from vlm.config import ConfigError
+    from vlm.errors import ConfigError
 
     if not FLAGS["verbosity"].present:  # Orbax logs every file it renames at INFO; -v 0 brings it back
         logging.set_verbosity(logging.WARNING)

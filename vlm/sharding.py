@@ -200,7 +200,7 @@ def check_divisible(abstract_tree, shardings) -> None:
 
     Runs on abstract shapes, before anything is allocated or compiled.
     """
-    from vlm.config import ConfigError
+    from vlm.errors import ConfigError
 
     leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
     specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -82,3 +82,18 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (float32 statistics), with a learned scale whose axis is `axis_name`."""
+
+    def __init__(self, features: int, axis_name: str = "embed", *, dtype: Dtype = jnp.float32, eps: float = 1e-6,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.eps = eps
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, (axis_name,))(rngs.params(), (features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        return y.astype(self.dtype)

@@ -29,7 +29,7 @@ REGISTRY = {
 def get(config):
     name = config.task.name
     if name not in REGISTRY:
-        from vlm.config import ConfigError
+        from vlm.errors import ConfigError
 
         raise ConfigError(f"config.task.name={name!r} is not a known task; choose one of {', '.join(REGISTRY)}")
     return importlib.import_module(REGISTRY[name]).Task(config)

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from vlm import sharding
-from vlm.config import ConfigError
+from vlm.errors import ConfigError
 from vlm.eval import retrieval
 from vlm.models.dual_encoder import DualEncoder
 from vlm.models.text_encoder import TextEncoder
