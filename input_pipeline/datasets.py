@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 
 from input_pipeline import video
-from input_pipeline.tokenizer import default_data_dir
+from input_pipeline.sources import DEFAULTS, default_data_dir, setting  # noqa: F401  (re-exported)
 
 SYNTHETIC = "synthetic"
 # Written by the builder beside the shards: every caption of a split, one per line.
@@ -31,25 +31,6 @@ DEFAULT_EVAL_SPLITS = ("validation", "test", "val", "heldout")
 # Consecutive stream records that may fail before the pipeline gives up: far more than bad
 # luck, so it means (nearly) every record is bad, e.g. a codec this machine cannot decode.
 MAX_CONSECUTIVE_FAILURES = 64
-
-# Keys of `data` a config may lack (configs saved before they existed); their defaults.
-DEFAULTS = dict(
-    train_split="train",
-    eval_split="",
-    sources=(),
-    sampling="segments",
-    sample_fps=0.0,
-    short_clips="repeat",
-    train_crop="random",
-    train_flip=False,
-    decode_threads=1,
-)
-
-
-def setting(data_config, key: str):
-    """data_config[key], or its default for a config written before the key existed."""
-    return data_config[key] if key in data_config else DEFAULTS[key]
-
 
 _NAME = re.compile(r"^(?P<name>[a-z][a-z0-9_]*)(/(?P<config>[\w.-]+))?(:(?P<version>\d+\.\d+\.\d+))?$")
 

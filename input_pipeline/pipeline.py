@@ -39,7 +39,6 @@ decode are left out: mask False).
 
 from __future__ import annotations
 
-import dataclasses
 import fractions
 import math
 import sys
@@ -49,71 +48,14 @@ import numpy as np
 from absl import flags
 
 from input_pipeline import datasets, synthetic, video
+from input_pipeline.sources import Source, config_error as _config_error, setting, train_sources  # noqa: F401
 from input_pipeline.tokenizer import Tokenizer, get_tokenizer
 
 # The dataset's own seed: fixed, so every training seed sees the same records
 # and is evaluated on the same held-out set. The training seed only orders them.
 DATASET_SEED = 0
 
-SOURCE_KEYS = ("name", "weight", "split", "data_dir", "start_step", "end_step")
 CROP_MODES = ("random", "center")
-
-
-setting = datasets.setting
-
-
-def _config_error(message: str) -> Exception:
-    """A one-line config error: vlm's ConfigError when vlm is there (the CLI prints it as one line)."""
-    try:
-        from vlm.errors import ConfigError
-    except ImportError:  # input_pipeline used on its own
-        return ValueError(message)
-    return ConfigError(message)
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One dataset of the training mixture."""
-
-    name: str
-    split: str
-    data_dir: str
-    weight: float = 1.0
-    start_step: int = 0
-    end_step: int | None = None  # exclusive; None = to the end of training
-
-    @property
-    def stream_key(self) -> tuple[str, str, str]:
-        """Entries with the same key share one stream (a dataset listed in two stages continues)."""
-        return self.name, self.split, self.data_dir
-
-
-def train_sources(data_config) -> list[Source]:
-    """The training mixture: `data.sources`, or `data.name` alone. Raises a one-line config error."""
-    entries = setting(data_config, "sources") or ()
-    if not entries:
-        return [Source(data_config.name, setting(data_config, "train_split"), data_config.data_dir)]
-    sources = []
-    for i, entry in enumerate(entries):
-        where = f"config.data.sources[{i}]"
-        if not isinstance(entry, dict) and not hasattr(entry, "keys"):
-            raise _config_error(f"{where}={entry!r} must be a dict like {{'name': 'my_videos', 'weight': 0.5}}")
-        entry = dict(entry)
-        unknown = sorted(set(entry) - set(SOURCE_KEYS))
-        if unknown or "name" not in entry:
-            problem = f"has unknown key(s) {', '.join(unknown)}" if unknown else "lacks 'name'"
-            raise _config_error(f"{where} {problem}; its keys: {', '.join(SOURCE_KEYS)}")
-        try:
-            weight = float(entry.get("weight", 1.0))
-            start, end = int(entry.get("start_step", 0) or 0), entry.get("end_step")
-            end = int(end) if end not in (None, 0) else None
-        except (TypeError, ValueError):
-            raise _config_error(f"{where}: weight must be a number and start_step/end_step integers, got {entry}") from None
-        if not weight > 0 or start < 0 or (end is not None and end <= start):
-            raise _config_error(f"{where}: need weight > 0 and 0 <= start_step < end_step, got {entry}")
-        sources.append(Source(str(entry["name"]), str(entry.get("split") or setting(data_config, "train_split")),
-                              str(entry.get("data_dir") or data_config.data_dir), weight, start, end))
-    return sources
 
 
 def _stages(sources: list[Source]) -> list[tuple[int, dict[tuple, float]]]:

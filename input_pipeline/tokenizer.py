@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from input_pipeline.sources import default_data_dir, train_sources
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # How many train-split captions a cached tokenizer is trained on.
@@ -137,11 +139,6 @@ class Tokenizer:
         return [self.decode(row) for row in np.asarray(ids)]
 
 
-def default_data_dir() -> str:
-    """$VLM_DATA_DIR, else ~/.cache/vlm/data."""
-    return os.environ.get("VLM_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlm", "data")
-
-
 def _training_captions(data_config) -> tuple[str, Iterable[str]]:
     """(cache name, train-split captions) for the configured dataset, or the training mixture's datasets."""
     sources = data_config.get("sources") or ()
@@ -151,10 +148,10 @@ def _training_captions(data_config) -> tuple[str, Iterable[str]]:
         num_captions = min(NUM_TOKENIZER_TRAINING_CAPTIONS, data_config.train_size)
         name = f"synthetic_max_objects{data_config.max_objects}_captions{num_captions}_vocab{data_config.vocab_size}"
         return name, synthetic.captions("train", num_captions, max_objects=data_config.max_objects)
-    from input_pipeline import datasets, pipeline, synthetic
+    from input_pipeline import datasets, synthetic
 
     # Equal shares of the captions from every dataset the model trains on.
-    keys = list(dict.fromkeys((s.name, s.split, s.data_dir) for s in pipeline.train_sources(data_config)))
+    keys = list(dict.fromkeys((s.name, s.split, s.data_dir) for s in train_sources(data_config)))
     share = max(NUM_TOKENIZER_TRAINING_CAPTIONS // len(keys), 1)
     texts, parts, fingerprint = [], [], hashlib.sha1()
     for name, split, data_dir in keys:
