@@ -52,7 +52,7 @@ from vlm import config as config_lib  # noqa: E402
 from vlm import metrics as metrics_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vlm import sharding, train  # noqa: E402
+from vlm import flops, sharding, train  # noqa: E402
 
 ALIASES = {"dtype": "model.dtype", "remat": "model.remat"}
 RESULT_MARK = "THROUGHPUT_RESULT "
@@ -221,8 +221,8 @@ def one_line(error: BaseException) -> str:
 
 def model_flops(setup: train.Setup, batch: dict[str, Any]) -> tuple[float | None, str]:
     """(model FLOPs per step, how they were counted): the trainer's own count (see its docstring)."""
-    flops = train.model_flops_per_step(setup, batch)
-    return (flops, "lowered-cpu") if flops else (None, "n/a")
+    count = flops.model_flops_per_step(setup, batch)
+    return (count, "lowered-cpu") if count else (None, "n/a")
 
 
 def measure(row: Row) -> dict[str, Any]:

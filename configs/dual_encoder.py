@@ -39,7 +39,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_ratio=0.01,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05, grad_clip_norm=1.0,
+        # Regexes over "/"-joined parameter paths ("video/encoder/blocks/0/mlp/up/kernel"), matched whole:
+        frozen=(),  # e.g. ("video/.*",): no gradient, no optimizer moments, bit-identical
+        lr_multipliers=(),  # e.g. (("video/.*", 0.1),): the first matching entry scales that parameter's lr
     )
+    c.ema = dict(decay=0.0, start_step=0)  # decay > 0 keeps an EMA of the weights; eval and loading use it
+    c.max_skipped_steps = 10  # a non-finite step changes nothing; this many in a row stop the run (exit 1)
+    # Start from another run's weights (never on resume): see vlm/init_from.py for `mapping` and `strict`.
+    c.init_from = dict(workdir="", step=-1, mapping=(), strict=True, use_ema=True)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "dual_encoder"
@@ -81,6 +88,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
 
     c.task = dict(name="contrastive", loss="softmax", max_logit_scale=100.0)
+    # Named evaluators (vlm/eval/evaluators.py): type, every (steps; 0 = eval_every), prefix, options.
+    c.evals = dict(retrieval=dict(type="retrieval", every=0))
 
     if arg in ("B/16", "L/14"):
         size, patch = arg.split("/")

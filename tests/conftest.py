@@ -5,3 +5,29 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ema_run(tmp_path_factory):
+    """One tiny in-process run shared by several test files: fsdp=8, EMA on, two evaluators
+    (every 2 and every 5 steps), 10 steps, checkpoints at 5 and 10. Returns (workdir, config)."""
+    from tests.helpers import small_config
+    from vlm import train
+
+    tmp = tmp_path_factory.mktemp("ema_run")
+    config = small_config(data=1, fsdp=8, tensor=1)
+    config.total_steps = 10
+    config.log_every = 1
+    config.checkpoint_every = 5
+    config.eval_every = 1000
+    config.data.data_dir = str(tmp / "data")
+    config.data.eval_size = 32
+    config.ema.decay = 0.5
+    with config.unlocked():
+        config.evals = dict(fast=dict(type="retrieval", every=2), slow=dict(type="retrieval", every=5, prefix="slow/"))
+    workdir = tmp / "w"
+    train.train(config, str(workdir))
+    return workdir, config

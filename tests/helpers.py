@@ -78,14 +78,14 @@ def read_metrics(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def load_checkpoint_params(workdir, step):
-    """A checkpoint's parameters as host arrays, whatever topology saved them."""
+def load_checkpoint_params(workdir, step, item="params"):
+    """A checkpoint's parameters (or another item, e.g. "ema") as host arrays, whatever topology saved them."""
     import os
 
     import jax
     import orbax.checkpoint as ocp
 
-    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    path = os.path.join(workdir, "checkpoints", str(step), item)
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)

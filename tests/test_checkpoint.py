@@ -43,7 +43,8 @@ def test_unfinished_save_never_replaces_the_last_good_checkpoint(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
     assert ckpt.latest_step() == 5
     state = tiny_state(0)
-    restored = ckpt.restore(5, jax.eval_shape(lambda: state), shardings_like(state))
+    restored, missing = ckpt.restore(5, jax.eval_shape(lambda: state), shardings_like(state))
+    assert missing == []
     np.testing.assert_array_equal(restored["params"]["w"]["kernel"], np.full((4, 4), 5.0))
     assert int(restored["step"]) == 5
     ckpt.close()

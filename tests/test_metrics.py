@@ -43,13 +43,13 @@ def test_flops_are_counted_for_any_attention_implementation():
     import jax
 
     from tests.helpers import random_batch, small_config
-    from vlm import sharding, train
+    from vlm import flops, sharding, train
 
     config = small_config(data=1, fsdp=1, tensor=1)
     config.model.dtype = "bfloat16"
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config).items()}
-    xla = train.model_flops_per_step(train.build(config, mesh), batch)
+    xla = flops.model_flops_per_step(train.build(config, mesh), batch)
     config.model.attention_impl = "cudnn"
-    cudnn = train.model_flops_per_step(train.build(config, mesh), batch)
+    cudnn = flops.model_flops_per_step(train.build(config, mesh), batch)
     assert xla > 1e6 and cudnn == xla

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_batch, small_config
-from vlm import sharding, train
+from vlm import accumulation, sharding, train
 
 
 def one_step(config, devices, *, return_init=False):
@@ -84,10 +84,10 @@ def test_gradient_accumulation_matches_full_batch(microbatches):
 
 def test_microbatch_split_roundtrip_and_striding():
     x = np.arange(12).reshape(12, 1)
-    split = train.microbatch_split(x, 3)
+    split = accumulation.microbatch_split(x, 3)
     assert split.shape == (3, 4, 1)
     assert split[1, :, 0].tolist() == [1, 4, 7, 10]  # strided: every shard holds part of each microbatch
-    np.testing.assert_array_equal(train.microbatch_merge(split), x)
+    np.testing.assert_array_equal(accumulation.microbatch_merge(split), x)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

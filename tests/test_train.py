@@ -87,7 +87,7 @@ def test_restore_onto_another_mesh(tmp_path):
     saved_mesh = sharding.create_mesh(config.mesh)
     saved_setup = train.build(config, saved_mesh)
     checkpointer = train.create_checkpointer(config, str(tmp_path / "w"))
-    saved = checkpointer.restore(2, saved_setup.abstract_state, saved_setup.state_shardings)
+    saved, _ = checkpointer.restore(2, saved_setup.abstract_state, saved_setup.state_shardings)
     kernel = saved["params"]["video"]["encoder"]["blocks"][0]["mlp"]["up"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")  # [embed, mlp]
     assert kernel.sharding.mesh.shape["fsdp"] == 8 and kernel.addressable_shards[0].data.shape[0] == 32 // 8
@@ -96,7 +96,7 @@ def test_restore_onto_another_mesh(tmp_path):
     config2.total_steps = 2
     mesh2 = sharding.create_mesh(config2.mesh, jax.devices()[:2])
     setup2 = train.build(config2, mesh2)
-    restored = checkpointer.restore(2, setup2.abstract_state, setup2.state_shardings)
+    restored, _ = checkpointer.restore(2, setup2.abstract_state, setup2.state_shardings)
     kernel2 = restored["params"]["video"]["encoder"]["blocks"][0]["mlp"]["up"]["kernel"]
     assert kernel2.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
     assert len(kernel2.sharding.device_set) == 2

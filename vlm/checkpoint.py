@@ -1,15 +1,16 @@
 """Orbax checkpoints of the train state and the data iterator.
 
-Layout of W/checkpoints/<step>/:
-  params/     model parameters (pure dict, sharded arrays)
-  opt_state/  optimizer state
-  train/      {"step", "rng"}
-  data/       the Grain iterator state, one JSON file per process
-  meta/       {"step", "process_count", "device_count", ...}
-Splitting params from the rest lets evaluation and downstream users read the
-parameters alone (`restore_params`) without allocating the optimizer state.
-Orbax writes each step into a temporary directory and renames it when complete,
-so an interrupted save never replaces the last good checkpoint.
+Layout of W/checkpoints/<step>/: one Orbax item per top-level key of the train state, whatever
+the config put in it, plus two of its own:
+  params/ opt_state/ step/ rng/   always
+  ema/ model_state/ guard/ ...    when the train state has them (EMA, non-parameter variables, ...)
+  data/                           the Grain iterator state, one JSON file per process
+  meta/                           {"step", "process_count", "device_count", "state_keys"}
+Checkpoints of the first trainer kept `step` and `rng` in one item `train/`; they restore too.
+Splitting the state into items lets evaluation and downstream users read the parameters (or the
+EMA) alone without allocating the optimizer state. Orbax writes each step into a temporary
+directory and renames it when complete, so an interrupted save never replaces the last good one.
+PRNG key arrays (e.g. an `nnx.Rngs` held by a module) are stored as their uint32 key data.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-STATE_ITEMS = ("params", "opt_state", "train")
+OWN_ITEMS = ("data", "meta")
+LEGACY_TRAIN = "train"  # {"step", "rng"} in checkpoints written before the state became a general dict
 
 
 class _IteratorSnapshot:
@@ -39,23 +42,42 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _to_items(state: dict[str, Any]) -> dict[str, Any]:
-    """Train state {"step", "params", "opt_state", "rng"} → checkpoint items."""
-    return {"params": state["params"], "opt_state": state["opt_state"], "train": {"step": state["step"], "rng": state["rng"]}}
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _from_items(items: dict[str, Any]) -> dict[str, Any]:
-    return {"params": items["params"], "opt_state": items["opt_state"], **items["train"]}
+def _keys_to_data(tree):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _data_to_keys(tree, abstract):
+    return jax.tree.map(lambda x, a: jax.random.wrap_key_data(x, impl=a.dtype._impl) if _is_key(a) else x,
+                        tree, abstract)
+
+
+def _wrap(tree):
+    """Orbax's standard handler saves trees, not lone arrays: a leaf (the step, the rng) goes in a dict."""
+    return {"value": tree} if not isinstance(tree, (dict, list, tuple)) else tree
+
+
+def _unwrap(tree, like):
+    return tree["value"] if not isinstance(like, (dict, list, tuple)) else tree
 
 
 def _abstract(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings: Orbax restores (and reshards) onto them."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    def one(x, s):
+        if _is_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, tree, shardings)
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,
@@ -71,42 +93,73 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def items(self, step: int) -> set[str]:
+        """Names of the items checkpoint `step` holds."""
+        return {p.name for p in (epath.Path(self.directory) / str(step)).iterdir() if p.is_dir()}
+
     def save(self, step: int, state: dict[str, Any], data_iterator=None, *, force: bool = False) -> bool:
-        items = {name: ocp.args.StandardSave(tree) for name, tree in _to_items(state).items()}
+        clash = set(state) & set(OWN_ITEMS + (LEGACY_TRAIN,))
+        if clash:
+            raise ValueError(f"train state keys {sorted(clash)} are reserved checkpoint item names")
+        items = {name: ocp.args.StandardSave(_wrap(_keys_to_data(tree))) for name, tree in state.items()}
         if data_iterator is not None:
             import grain  # here, not at the top: params-only users (eval, benchmarks) need no Grain
 
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-        items["meta"] = ocp.args.JsonSave(
-            {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count()}
-        )
+        items["meta"] = ocp.args.JsonSave({
+            "step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "state_keys": sorted(state),
+        })
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: dict[str, Any], shardings: dict[str, Any], data_iterator=None) -> dict[str, Any]:
-        """Restores the train state onto `shardings` (any mesh) and, if given, the iterator in place."""
-        abstract, target = _to_items(abstract_state), _to_items(shardings)
-        items = {name: ocp.args.StandardRestore(_abstract(abstract[name], target[name])) for name in STATE_ITEMS}
+    def restore(self, step: int, abstract_state: dict[str, Any], shardings: dict[str, Any], data_iterator=None
+                ) -> tuple[dict[str, Any], list[str]]:
+        """(state, missing): the train state restored onto `shardings` (any mesh), and the keys of
+        `abstract_state` the checkpoint does not hold (e.g. `ema` when EMA was switched on since);
+        the caller initialises those. The data iterator, if given, is restored in place."""
+        present = self.items(step)
+        legacy = LEGACY_TRAIN in present and "step" not in present
+        wanted = [k for k in abstract_state if k in present or (legacy and k in ("step", "rng"))]
+        items = {}
+        for name in wanted:
+            if legacy and name in ("step", "rng"):
+                continue
+            items[name] = ocp.args.StandardRestore(_wrap(_abstract(abstract_state[name], shardings[name])))
+        if legacy:
+            train = {k: abstract_state[k] for k in ("step", "rng")}
+            items[LEGACY_TRAIN] = ocp.args.StandardRestore(_abstract(train, {k: shardings[k] for k in train}))
         if data_iterator is not None:
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return _from_items({name: restored[name] for name in STATE_ITEMS})
+        state = {name: _unwrap(restored[name], abstract_state[name]) for name in wanted if name in items}
+        if legacy:
+            state.update(restored[LEGACY_TRAIN])
+        state = {k: _data_to_keys(v, abstract_state[k]) for k, v in state.items()}
+        return state, [k for k in abstract_state if k not in state]
 
     def saved_process_count(self, step: int) -> int:
         """How many processes wrote checkpoint `step` (each wrote its own data-iterator file)."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return int(meta["process_count"])
 
-    def restore_params(self, step: int | None, abstract_params, shardings) -> tuple[Any, int]:
-        """Parameters only (no optimizer state): for eval and downstream use."""
-        step = self.latest_step() if step is None else step
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, or the latest complete one; a clear error when there is none."""
+        step = self.latest_step() if step is None or step < 0 else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}; train first or pass --workdir of a trained run")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; it has {self.all_steps()}")
+        return step
+
+    def restore_params(self, step: int | None, abstract_params, shardings, *, item: str = "params") -> tuple[Any, int]:
+        """Parameters only (no optimizer state), from `item` ("params" or "ema"): for eval and downstream use."""
+        step = self.resolve_step(step)
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params, shardings)))
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(_abstract(abstract_params, shardings))})
         )
-        return restored["params"], step
+        return restored[item], step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -9,6 +9,14 @@ import ml_collections
 from vlm import sharding
 from vlm.errors import ConfigError  # noqa: F401  (re-exported: callers catch vlm.config.ConfigError)
 
+# Trainer keys added after the first runs: a config.json saved before them loads with these values.
+TRAINER_DEFAULTS = {
+    "ema": {"decay": 0.0, "start_step": 0},
+    "max_skipped_steps": 10,
+    "init_from": {"workdir": "", "step": -1, "mapping": (), "strict": True, "use_ema": True},
+    "evals": {},
+}
+
 REQUIRED_KEYS = (
     "seed", "total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
     "mesh", "optim", "model", "data", "task",
@@ -56,9 +64,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError("config.model.attention_impl='cudnn' needs config.model.dtype=bfloat16 (cuDNN has no float32 kernel)")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={config.model.dtype!r} is unknown; use float32 or bfloat16")
+    _validate_trainer_keys(config)
     from vlm import tasks
+    from vlm.eval import evaluators
 
-    tasks.get(config)  # each task checks its own keys (raises ConfigError)
+    task = tasks.get(config)  # each task checks its own keys (raises ConfigError)
+    evaluators.from_config(config, task)
+
+
+def _validate_trainer_keys(config) -> None:
+    ema = config.get("ema") or {}
+    decay = float(ema.get("decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        raise ConfigError(f"config.ema.decay={decay} must be in [0, 1) (0 = no EMA; e.g. 0.9999)")
+    if int(ema.get("start_step", 0)) < 0:
+        raise ConfigError(f"config.ema.start_step={ema.get('start_step')} must be ≥ 0")
+    if int(config.get("max_skipped_steps", 10)) < 1:
+        raise ConfigError(f"config.max_skipped_steps={config.get('max_skipped_steps')} must be ≥ 1")
+    init = config.get("init_from") or {}
+    unknown = sorted(set(init) - set(TRAINER_DEFAULTS["init_from"]))
+    if unknown:
+        raise ConfigError(f"config.init_from has unknown key(s) {', '.join(unknown)}; "
+                          f"its keys: {', '.join(TRAINER_DEFAULTS['init_from'])}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -66,7 +93,14 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """The resolved config saved in W/config.json, locked like the original."""
-    config = ml_collections.ConfigDict(json.loads(text))
+    """The resolved config saved in W/config.json, locked like the original (trainer keys added
+    since it was written get their defaults)."""
+    values = json.loads(text)
+    for key, default in TRAINER_DEFAULTS.items():
+        if isinstance(default, dict) and isinstance(values.get(key), dict):
+            values[key] = {**default, **values[key]}
+        else:
+            values.setdefault(key, default)
+    config = ml_collections.ConfigDict(values)
     config.lock()
     return config

@@ -1,7 +1,7 @@
 """The `vlm` command line.
 
   vlm train --config=configs/dual_encoder.py:tiny --workdir=W [--config.key=value ...]
-  vlm eval --workdir=W [--step=N]
+  vlm eval --workdir=W [--step=N] [--evals=name,...] [--use_ema=false]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
 """
@@ -18,6 +18,8 @@ COMMANDS = ("train", "eval", "tokenizer train", "data build")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
 flags.DEFINE_integer("step", None, "eval: which checkpoint step (default: latest).")
+flags.DEFINE_string("evals", None, "eval: comma-separated evaluator names from config.evals (default: all).")
+flags.DEFINE_bool("use_ema", None, "eval: use the EMA weights when the run keeps them (default: true).")
 flags.DEFINE_integer("exit_after_step", None, "train: checkpoint and exit after this step (a preemption drill).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (else auto: env, SLURM, TPU).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -40,9 +42,9 @@ flags.DEFINE_string("beam_pipeline_options", None,
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _require(*names: str) -> None:
@@ -54,6 +56,7 @@ def _require(*names: str) -> None:
 
 def main(argv: list[str]) -> None:
     from vlm.errors import ConfigError
+    from vlm.errors import TrainingDiverged
 
     if not FLAGS["verbosity"].present:  # Orbax logs every file it renames at INFO; -v 0 brings it back
         logging.set_verbosity(logging.WARNING)
@@ -80,7 +83,7 @@ def main(argv: list[str]) -> None:
             _require("workdir")
             from vlm import train
 
-            metrics = train.evaluate(FLAGS.workdir, step=FLAGS.step)
+            metrics = train.evaluate(FLAGS.workdir, step=FLAGS.step, evals=FLAGS.evals, use_ema=FLAGS.use_ema)
             print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         elif command == "data build":
             _require("manifest", "data_dir", "name")
@@ -93,6 +96,8 @@ def main(argv: list[str]) -> None:
             print(f"wrote {path}", flush=True)
     except (ConfigError, FileNotFoundError) as e:
         _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=1)
     except Exception:
         # Every process logs its own error (the console of process 0 is not enough on a pod).
         import jax

@@ -137,11 +137,6 @@ def logical_rules(rules_config: Sequence[Sequence[Any]] | None) -> tuple[tuple[s
     return tuple(out)
 
 
-def batch_shards(mesh: jax.sharding.Mesh) -> int:
-    """How many ways the global batch is split."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]):
     """Makes `mesh` current for jit and `rules` current for `constrain` / partition specs."""

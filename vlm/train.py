@@ -1,31 +1,34 @@
 """The one training loop, the same for every task.
 
-Reads top to bottom: config check → mesh → data → abstract model → shardings →
-jitted init (or restore) → jitted step → loop with logging, eval and checkpoints.
+Reads top to bottom: config check → mesh → data → abstract model → shardings → jitted init (or
+restore, or init from another run) → jitted step → loop with logging, evaluators and checkpoints.
+The state is the dict of `train_state.py`; gradients come from `accumulation.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
-from etils import epath
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
+from vlm import accumulation, init_from, optim, sharding, tasks, train_state
 from vlm import checkpoint as checkpoint_lib
 from vlm import config as config_lib
 from vlm import metrics as metrics_lib
-from vlm import optim, sharding, tasks
+from vlm.errors import TrainingDiverged
+from vlm.eval import evaluators as evaluators_lib
+from vlm.flops import model_flops_per_step
+from vlm.preemption import PreemptionFlag
 
-State = dict[str, Any]  # {"step": int32 [], "params": pure dict, "opt_state": optax state, "rng": uint32 [2]}
+State = train_state.State
 
 
 @dataclasses.dataclass
@@ -35,164 +38,99 @@ class Setup:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     rules: tuple
-    task: Any
+    task: tasks.Task
     graphdef: nnx.GraphDef
     abstract_state: State
     state_shardings: State
     schedule: optax.Schedule
+    trainable: Any  # tree of bools like params (True = trains), or None when nothing is frozen
     init: Callable[[], State]  # jitted; creates the state directly into its shards
     train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, donates the state
 
-    def model(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, params)
+    def model(self, params, variables=None) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, variables or {})
 
-
-def microbatch_split(x: jax.Array, k: int) -> jax.Array:
-    """[B, ...] → [k, B/k, ...] with microbatch i = rows i, i+k, i+2k, ...
-
-    Strided (not contiguous) so that every device holds a slice of every microbatch.
-    """
-    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-
-
-def microbatch_merge(x: jax.Array) -> jax.Array:
-    """Inverse of microbatch_split: [k, B/k, ...] → [B, ...] in the original row order."""
-    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def loss_and_grads(task, graphdef, params, batch, rng, microbatches: int):
-    """(loss, metrics), grads of the task's loss over the whole batch.
-
-    With k > 1 microbatches the gradient is still that of the full-batch loss
-    (GradCache): features per microbatch without gradients, the batch-level loss
-    and its gradient w.r.t. the features, then each microbatch's vector-Jacobian
-    product accumulated in a scan. Exact for contrastive losses, at the cost of a
-    second forward pass; peak activation memory is one microbatch's.
-    """
-
-    def features_fn(p, mb, r):
-        return task.features(nnx.merge(graphdef, p), mb, r)
-
-    def loss_fn(p, feats):
-        return task.loss(nnx.merge(graphdef, p), feats, batch)
-
-    if microbatches == 1:
-        full = lambda p: loss_fn(p, features_fn(p, batch, rng))
-        return jax.value_and_grad(full, has_aux=True)(params)
-
-    mbs = jax.tree.map(lambda x: microbatch_split(x, microbatches), batch)  # leaves [k, B/k, ...]
-    rngs = jax.random.split(rng, microbatches)
-    feats = jax.lax.map(lambda a: features_fn(params, *a), (mbs, rngs))  # leaves [k, B/k, ...]
-    feats = jax.tree.map(microbatch_merge, feats)  # leaves [B, ...]
-    (loss, metrics), (grads, feat_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, feats)
-    feat_grads = jax.tree.map(lambda g: microbatch_split(g, microbatches), feat_grads)
-
-    def accumulate(acc, a):
-        mb, r, g = a
-        _, vjp = jax.vjp(lambda p: features_fn(p, mb, r), params)
-        return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
-
-    grads, _ = jax.lax.scan(accumulate, grads, (mbs, rngs, feat_grads))
-    return (loss, metrics), grads
+    def eval_model(self, state: State, use_ema: bool | None = None) -> nnx.Module:
+        """The model evaluation sees: the EMA weights when the run keeps them (unless use_ema=False)."""
+        ema = "ema" in state and (use_ema is None or use_ema)
+        return self.model(state["ema" if ema else "params"], state.get("model_state"))
 
 
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     """Abstract model → shardings → jitted init and train step. Nothing full-size is allocated."""
     rules = sharding.logical_rules(config.sharding_rules)
     task = tasks.get(config)
-    tx, schedule = optim.create_optimizer(config.optim, config.total_steps)
-
     with sharding.use_mesh(mesh, rules):
         abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.seed)))
-        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        graphdef, abstract_params, abstract_vars = nnx.split(abstract_model, nnx.Param, ...)
         param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+        variable_shardings = sharding.state_shardings(abstract_vars, mesh, rules)
         sharding.check_divisible(nnx.to_pure_dict(abstract_params), param_shardings)
+    groups = optim.param_groups(config.optim, nnx.to_pure_dict(abstract_params))
+    trainable = optim.trainable_mask(groups[0])
+    trainable = None if all(jax.tree.leaves(trainable)) else trainable
+    tx, schedule = optim.create_optimizer(config.optim, config.total_steps, groups)
+    ema_decay, ema_start = train_state.ema_config(config)
 
     def init() -> State:
         model = task.build_model(nnx.Rngs(config.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {
+        _, params, variables = nnx.split(model, nnx.Param, ...)
+        params, variables = nnx.to_pure_dict(params), nnx.to_pure_dict(variables)
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": tx.init(params),
             "rng": jax.random.key_data(jax.random.key(config.seed)),
+            "skipped": train_state.skipped_init(),
         }
+        if ema_decay > 0:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        if jax.tree.leaves(variables):
+            state["model_state"] = variables
+        return state
 
     abstract_state = jax.eval_shape(init)
-    replicated = sharding.replicated(mesh)
-    state_shardings = {
-        "step": replicated,
-        "params": param_shardings,
-        # Optimizer moments are sharded like their parameters; counters are replicated.
-        "opt_state": optax.tree_map_params(
-            tx,
-            lambda _, s: s,
-            abstract_state["opt_state"],
-            param_shardings,
-            transform_non_params=lambda _: replicated,
-        ),
-        "rng": replicated,
-    }
+    state_shardings = train_state.shardings(abstract_state, param_shardings, variable_shardings, mesh)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        (loss, metrics), grads = loss_and_grads(task, graphdef, state["params"], batch, rng, config.microbatches)
+        (loss, metrics, variables), grads = accumulation.loss_and_grads(
+            task, graphdef, state["params"], state.get("model_state", {}), batch, rng,
+            microbatches=config.microbatches, trainable=trainable)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if trainable is not None:  # frozen parameters stay bit-identical (p + 0 is not, for p = -0.0)
+            params = jax.tree.map(lambda t, new, old: new if t else old, trainable, params, state["params"])
+        new = {**state, "step": step + 1, "params": params, "opt_state": opt_state}
+        if "ema" in state:
+            new["ema"] = train_state.ema_update(state["ema"], params, step + 1, ema_decay, ema_start, trainable)
+        if "model_state" in state:
+            new["model_state"] = variables
+        # Non-finite guard: such a step changes nothing (the data iterator has still advanced).
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & train_state.all_finite(params)
+        new = train_state.guard(ok, new, state)
         metrics = {
             "train/loss": loss,
             "train/lr": schedule(step),
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
             **metrics,
+            "train/skipped_steps": new["skipped"]["total"],
+            "train/consecutive_skips": new["skipped"]["consecutive"],  # read by the loop, not logged
         }
-        return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+        return new, metrics
 
     with sharding.use_mesh(mesh, rules):
         jit_init = jax.jit(init, out_shardings=state_shardings)
         jit_step = jax.jit(
             train_step,
             in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(state_shardings, replicated),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
             donate_argnums=0,
         )
-    return Setup(config, mesh, rules, task, graphdef, abstract_state, state_shardings, schedule, jit_init, jit_step)
-
-
-def model_flops_per_step(setup: Setup, batch: dict[str, jax.Array]) -> float | None:
-    """Model FLOPs of one train step: 3× the forward pass (fwd + 2× bwd), counted by XLA.
-
-    Counted on the un-rematerialised forward graph, so recomputation is not credited (MFU,
-    not hardware utilisation). The forward is lowered for one *CPU* device whatever the
-    accelerator: `Lowered.cost_analysis` is not implemented by the PJRT plugins (CUDA, TPU),
-    and a compiled GPU program's count leaves out the cuBLAS matmuls (measured on an H200:
-    ~4% of the FLOPs). The count depends only on the program and its shapes.
-    """
-    task, graphdef = setup.task, setup.graphdef
-    if setup.config.model.get("attention_impl", "xla") != "xla":
-        # A fused GPU kernel has no CPU lowering; the same attention written in XLA counts the same FLOPs.
-        config = ml_collections.ConfigDict(setup.config.to_dict())
-        config.model.attention_impl = "xla"
-        task = tasks.get(config)
-        with sharding.use_mesh(setup.mesh, setup.rules):
-            graphdef = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)[0]
-
-    def forward(params, batch):
-        model = nnx.merge(graphdef, params)
-        return task.loss(model, task.features(model, batch, jax.random.key(0)), batch)[0]
-
-    try:
-        cpu_mesh = sharding.create_mesh({a: 1 for a in sharding.MESH_AXES}, jax.devices("cpu")[:1])
-        on_cpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(cpu_mesh))
-        params = jax.tree.map(on_cpu, setup.abstract_state["params"])
-        shapes = jax.tree.map(on_cpu, dict(batch))
-        with sharding.use_mesh(cpu_mesh, setup.rules):
-            cost = jax.jit(forward).lower(params, shapes).cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return 3.0 * float(cost["flops"])
-    except Exception as e:  # best effort: a missing count must never stop training
-        logging.warning("model FLOPs not counted (%s); MFU will not be logged", e)
-        return None
+    return Setup(config, mesh, rules, task, graphdef, abstract_state, state_shardings, schedule, trainable,
+                 jit_init, jit_step)
 
 
 def pipeline_counters(local_batch: dict) -> dict[str, float]:
@@ -223,24 +161,33 @@ def create_checkpointer(config, workdir: str) -> checkpoint_lib.Checkpointer:
     )
 
 
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: int | None = None) -> dict[str, float]:
     """Trains (or resumes) in `workdir`. Returns the last logged train and eval metrics.
 
     `exit_after_step` stops this run after that step (checkpointing it), as a preemption would.
+    Raises TrainingDiverged after `config.max_skipped_steps` consecutive non-finite steps.
     """
     from input_pipeline import pipeline
 
     config_lib.validate(config, jax.device_count())
-    _write_config(config, workdir)
     mesh = sharding.create_mesh(config.mesh)
     setup = build(config, mesh)
-
+    evaluators = evaluators_lib.from_config(config, setup.task)
     checkpointer = create_checkpointer(config, workdir)
-    writer = metrics_lib.MetricWriter(workdir, config.total_steps)
-    preempted = _PreemptionFlag()
-    timer = None
-    last: dict[str, float] = {}
     start_step = checkpointer.latest_step()
+    init_plan = None
+    if start_step is None and config.init_from.workdir:  # metadata only: a bad mapping fails before compiling
+        init_plan = init_from.plan(config.init_from, setup.abstract_state["params"])
+    _write_config(config, workdir)
+    writer = metrics_lib.MetricWriter(workdir, config.total_steps)
+    preempted = PreemptionFlag()
+    timer, pending_skips = None, None
+    last: dict[str, float] = {}
     # Each process saved its own iterator state, which cannot be re-divided among a different number
     # of processes. The global batch stream does not depend on the process count, so then the stream
     # restarts at the checkpoint's step instead: the same batches the original run would have read.
@@ -254,29 +201,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
         if start_step is None:
             state = setup.init()
             start_step = 0
+            if init_plan is not None:
+                state["params"] = init_from.apply(init_plan, state["params"], setup.state_shardings["params"])
+                if "ema" in state:
+                    state["ema"] = jax.tree.map(jnp.copy, state["params"])
+                _log(init_plan.summary())
         else:
-            restored_iter = None if reshard_data else data_iter
-            state = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings, restored_iter)
-            if jax.process_index() == 0:
-                if reshard_data:
-                    print(f"checkpoint {start_step} was written by {saved_by} processes, this run has "
-                          f"{jax.process_count()}: model and optimizer state restored; the data iterator is "
-                          f"re-sharded from global batch {start_step} (the same batches the original run would "
-                          f"have read)", flush=True)
-                print(f"resumed from {checkpointer.directory}/{start_step}", flush=True)
+            state, missing = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings,
+                                                  None if reshard_data else data_iter)
+            state = train_state.fill_missing(state, missing, setup.abstract_state, setup.state_shardings)
+            if reshard_data:
+                _log(f"checkpoint {start_step} was written by {saved_by} processes, this run has "
+                     f"{jax.process_count()}: model and optimizer state restored; the data iterator is "
+                     f"re-sharded from global batch {start_step} (the same batches the original run would "
+                     f"have read)")
+            _log(f"resumed from {checkpointer.directory}/{start_step}")
         for step in range(start_step, config.total_steps):
             local_batch = next(data_iter)
             batch = sharding.global_batch(local_batch, mesh)
             if timer is None:
-                flops = model_flops_per_step(setup, batch)
-                timer = metrics_lib.StepTimer(config.batch_size, flops, config.total_steps)
+                timer = metrics_lib.StepTimer(config.batch_size, model_flops_per_step(setup, batch), config.total_steps)
             state, step_metrics = setup.train_step(state, batch)
             done = step + 1
             if step == start_step:  # time steps after the compile
                 jax.block_until_ready(step_metrics)
                 timer.start(done)
+            # The guard's verdict on the previous step, read one step late so the device stays busy.
+            if pending_skips is not None:
+                _check_skips(int(pending_skips), done - 1, config.max_skipped_steps, checkpointer)
+            pending_skips = step_metrics["train/consecutive_skips"]
             if done % config.log_every == 0 or done == config.total_steps:
-                host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "train/consecutive_skips"}
                 host.update(pipeline_counters(local_batch))
                 speed, eta = timer.lap(done)
                 last.update(host)
@@ -286,66 +241,64 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
                     or was_preempted):
                 checkpointer.save(done, state, data_iter)
             if was_preempted:
-                if jax.process_index() == 0:
-                    print(f"preempted (SIGTERM): checkpointed step {done}; the same command resumes", flush=True)
+                _log(f"preempted (SIGTERM): checkpointed step {done}; the same command resumes")
                 break
-            if done % config.eval_every == 0 or done == config.total_steps:
-                eval_metrics = setup.task.evaluate(setup.model(state["params"]), mesh=mesh, step=done, workdir=workdir)
+            due = [e for e in evaluators if e.due(done, config.total_steps)]
+            if due:
+                eval_metrics = evaluators_lib.run(due, setup.eval_model(state), mesh=mesh, step=done, workdir=workdir)
                 last.update(eval_metrics)
                 writer.write(done, eval_metrics)
                 timer.start(done)  # eval time is not train time
             if exit_after_step is not None and done >= exit_after_step:
                 break
+        if pending_skips is not None and not preempted.is_set():
+            _check_skips(int(pending_skips), done, config.max_skipped_steps, checkpointer)
     checkpointer.close()
     writer.close()
     return last
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM (how TPU/GKE/SLURM announce preemption): the loop checkpoints and exits.
-
-    Every process gets the signal, but acting on it must be collective (the checkpoint is a
-    collective write), so the flag is agreed across processes each step it is consulted.
-    """
-
-    def __init__(self):
-        self._local = False
-        self._previous = None
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        self._local = True
-
-    def is_set(self) -> bool:
-        if jax.process_count() == 1:
-            return self._local
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.asarray(self._local)).any())
+def _check_skips(consecutive: int, step: int, limit: int, checkpointer) -> None:
+    """Logs a skipped (non-finite) step; stops the run after `limit` of them in a row."""
+    if consecutive == 0:
+        return
+    _log(f"step {step}: loss or gradient not finite; the update was skipped ({consecutive} in a row)")
+    if consecutive >= limit:
+        checkpointer.wait()
+        raise TrainingDiverged(
+            f"training diverged: {consecutive} consecutive non-finite steps up to step {step} "
+            f"(config.max_skipped_steps={limit}); the last checkpoint is step {checkpointer.latest_step()} "
+            f"in {checkpointer.directory}; lower config.optim.lr or check the data")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a `vlm train` run saved in its workdir."""
+    """The resolved config a `vlm train` run saved in its workdir (keys added since filled with defaults)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; --workdir must be the workdir of a `vlm train` run")
     return config_lib.from_json(path.read_text())
 
 
-def load_model(workdir: str, *, step: int | None = None, devices=None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+def restore_params(config, workdir: str, mesh, *, step: int | None = None, use_ema: bool | None = None):
+    """(setup, model, step): a checkpoint's parameters (the EMA when the run kept one, unless
+    use_ema=False) on `mesh`, without the optimizer state."""
+    setup = build(config, mesh)
+    checkpointer = create_checkpointer(config, workdir)
+    step = checkpointer.resolve_step(step)
+    item = "ema" if (use_ema is None or use_ema) and "ema" in checkpointer.items(step) else "params"
+    params, step = checkpointer.restore_params(step, setup.abstract_state["params"], setup.state_shardings["params"],
+                                               item=item)
+    variables = None
+    if "model_state" in setup.abstract_state:
+        state, _ = checkpointer.restore(step, {"model_state": setup.abstract_state["model_state"]},
+                                        {"model_state": setup.state_shardings["model_state"]})
+        variables = state["model_state"]
+    checkpointer.close()
+    return setup, setup.model(params, variables), step
+
+
+def load_model(workdir: str, *, step: int | None = None, devices=None, use_ema: bool | None = None
+               ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
     """(model, config, step) from a run's checkpoint, parameters only: for downstream use.
 
         model, config, step = vlm.train.load_model("/tmp/vlm_tiny")
@@ -358,22 +311,19 @@ def load_model(workdir: str, *, step: int | None = None, devices=None) -> tuple[
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
     mesh = sharding.create_mesh(config.mesh, devices)
-    setup = build(config, mesh)
-    checkpointer = create_checkpointer(config, workdir)
-    params, step = checkpointer.restore_params(step, setup.abstract_state["params"], setup.state_shardings["params"])
-    checkpointer.close()
-    return setup.model(params), config, step
+    _, model, step = restore_params(config, workdir, mesh, step=step, use_ema=use_ema)
+    return model, config, step
 
 
-def evaluate(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None) -> dict[str, float]:
-    """Evaluates a checkpoint of `workdir` (latest, or `step`) with the run's saved config."""
+def evaluate(workdir: str, *, step: int | None = None, config: ml_collections.ConfigDict | None = None,
+             evals: str | None = None, use_ema: bool | None = None) -> dict[str, float]:
+    """Runs the run's evaluators (or those named in `evals`, comma-separated) on a checkpoint of
+    `workdir` (latest, or `step`) with the run's saved config."""
     config = config or load_config(workdir)
     config_lib.validate(config, jax.device_count())
     mesh = sharding.create_mesh(config.mesh)
-    setup = build(config, mesh)
-    checkpointer = create_checkpointer(config, workdir)
-    params, step = checkpointer.restore_params(step, setup.abstract_state["params"], setup.state_shardings["params"])
+    setup, model, step = restore_params(config, workdir, mesh, step=step, use_ema=use_ema)
+    chosen = evaluators_lib.select(evaluators_lib.from_config(config, setup.task), evals)
     with sharding.use_mesh(mesh, setup.rules):
-        metrics = setup.task.evaluate(setup.model(params), mesh=mesh, step=step, workdir=workdir)
-    checkpointer.close()
+        metrics = evaluators_lib.run(chosen, model, mesh=mesh, step=step, workdir=workdir)
     return {"step": step, **metrics}

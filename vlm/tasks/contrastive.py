@@ -6,17 +6,18 @@ the batch axes and the [B, B] similarity matrix is built by XLA's collectives.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 from etils import epath
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from vlm import sharding
 from vlm.errors import ConfigError
+from vlm.eval import loop as eval_loop
 from vlm.eval import retrieval
 from vlm.models.dual_encoder import DualEncoder
 from vlm.models.text_encoder import TextEncoder
@@ -42,6 +43,8 @@ def sigmoid_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arr
 
 
 class Task:
+    per_example_loss = False  # the loss couples the whole global batch
+
     def __init__(self, config):
         self.config = config
         self.task_config = config.task
@@ -117,51 +120,28 @@ class Task:
 
     # ----- evaluation: text↔video retrieval on the held-out split -----
 
-    def evaluate(self, model: DualEncoder, *, mesh, step: int, workdir: str | None) -> dict[str, float]:
-        from input_pipeline import pipeline
+    def evaluators(self):
+        return {"retrieval": self.retrieval}
 
+    def retrieval(self, model: DualEncoder, *, mesh, step: int, workdir: str | None) -> dict[str, float]:
+        """Text↔video recall@1/5/10, median and mean rank over the held-out pairs; a table in W/samples/<step>/."""
         graphdef, state = nnx.split(model)
 
-        @jax.jit
+        @jax.jit  # the state is an argument, not a closed-over constant
         def embed(state, batch):
-            m = nnx.merge(graphdef, state)
-            return m(batch["video"], batch["tokens"])
+            video_emb, text_emb = nnx.merge(graphdef, state)(batch["video"], batch["tokens"])
+            return {"video": video_emb, "text": text_emb}  # [B, E] each
 
-        batch_size = self.config.eval_batch_size
-        video_embs, text_embs, captions = [], [], []
-        for local in pipeline.create_eval_iterator(self.config.data, global_batch_size=batch_size):
-            batch = sharding.global_batch(local, mesh)
-            v, t = embed(state, batch)
-            mask = jax.experimental.multihost_utils.process_allgather(batch["mask"], tiled=True)
-            video_embs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(v, tiled=True))[mask])
-            text_embs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(t, tiled=True))[mask])
-            captions.extend(_allgather_strings(local["caption"], local["mask"]))
-        video_embs, text_embs = np.concatenate(video_embs), np.concatenate(text_embs)
-        sim = text_embs @ video_embs.T  # [N(text), N(video)], pair i ↔ i
+        out, host = eval_loop.eval_outputs(functools.partial(embed, state), self.config.data, global_batch_size=self.config.eval_batch_size,
+                                           mesh=mesh)
+        captions = host["caption"]
+        sim = out["text"] @ out["video"].T  # [N(text), N(video)], pair i ↔ i
         metrics = retrieval.retrieval_metrics(sim)
         if jax.process_index() == 0:
             table = retrieval.format_table(metrics, num_pairs=len(captions))
             print(f"step {step}: " + table, end="", flush=True)
             if workdir:
-                out = epath.Path(workdir) / "samples" / str(step)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "retrieval.txt").write_text(table + "\n" + retrieval.format_examples(sim, captions, num=8))
-        return {f"eval/{k}": v for k, v in metrics.items()}
-
-
-def _allgather_strings(captions: np.ndarray, mask: np.ndarray) -> list[str]:
-    """Captions stay on the host; with one process nothing needs gathering."""
-    local = [str(c) for c, m in zip(captions, mask) if m]
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    # Strings cannot be all-gathered directly: gather fixed-width byte arrays.
-    width = 512
-    enc = np.zeros((len(captions), width), np.uint8)
-    for i, c in enumerate(captions):
-        b = str(c).encode()[:width]
-        enc[i, : len(b)] = np.frombuffer(b, np.uint8)
-    all_enc = multihost_utils.process_allgather(enc, tiled=True)
-    all_mask = multihost_utils.process_allgather(np.asarray(mask), tiled=True)
-    return [bytes(row).rstrip(b"\0").decode() for row, m in zip(all_enc, all_mask) if m]
+                out_dir = epath.Path(workdir) / "samples" / str(step)
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "retrieval.txt").write_text(table + "\n" + retrieval.format_examples(sim, captions, num=8))
+        return metrics
