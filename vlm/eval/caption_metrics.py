@@ -32,8 +32,9 @@ Tokenisation (`tokenize`): lower-case, delete punctuation (every character that 
 word character nor whitespace), split on whitespace. The toolkit instead runs the Stanford PTB
 tokenizer (Java) and drops punctuation tokens; that differs on contractions and possessives
 ("don't" → PTB "do n't", here "dont"; "man's" → "man 's" vs "mans") and on punctuation glued
-between words ("dog,cat" → here "dogcat"). Scores on already-PTB-tokenised, space-joined text
-are the toolkit's to floating-point rounding (see tests/test_caption_metrics.py).
+between words ("dog,cat" → here "dogcat"). On text that is already lower-case, free of
+punctuation and single-space separated, the scores are the toolkit's to floating-point rounding
+(BLEU-4 and ROUGE-L bit for bit; see the cross-check in tests/test_caption_metrics.py).
 """
 
 from __future__ import annotations
