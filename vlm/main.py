@@ -37,6 +37,7 @@ flags.DEFINE_float("keyframe_interval", 1.0, "data build: seconds between keyfra
 flags.DEFINE_integer("crf", 23, "data build: x264 CRF when re-encoding (lower = better and larger).")
 flags.DEFINE_bool("reencode", False, "data build: re-encode every video, also within the limits (keyframe spacing).")
 flags.DEFINE_bool("overwrite", False, "data build: replace an existing dataset of the same name and version.")
+flags.DEFINE_bool("allow_outside", False, "data build: allow media paths outside the manifest's folder.")
 flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
 FLAGS = flags.FLAGS
@@ -132,6 +133,7 @@ def _data_build() -> None:
             options,
             overwrite=FLAGS.overwrite,
             beam_pipeline_options=FLAGS.beam_pipeline_options,
+            allow_outside=FLAGS.allow_outside,
         )
     except (manifest.ManifestError, FileExistsError) as e:
         _fail(str(e))

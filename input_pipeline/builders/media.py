@@ -1,11 +1,17 @@
 """One manifest entry → one stored example: the media bytes (optionally re-encoded) and metadata.
 
-Without limits the file's bytes are stored as they are and only probed (the
-container opens, a decoder exists, the first frame decodes). With any of
+Only a regular file of at most MAX_FILE_BYTES is read (not a device, a FIFO or a
+folder). Without limits the file's bytes are stored as they are, after a decode
+check: the frames training can ask for decode (below). With any of
 `max_short_side`, `max_fps`, `max_duration` (or `reencode_all`) the clip is re-encoded to H.264 mp4
 (CRF `crf`, a keyframe every `keyframe_interval` seconds so that training seeks
 instead of decoding whole GOPs, rotation applied, moov atom first), cut to its
 [start, end) bounds; images larger than `max_short_side` are re-encoded to JPEG.
+
+The decode check (`check_decodes`) decodes, with the reader training uses, the
+frames evaluation samples at the configs' default frame count (PROBE_NUM_FRAMES)
+and the clip's last frame, so that a truncated file is skipped and reported at
+build time rather than skipped on every read in training.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import fractions
 import io
 import math
 import os
+import stat
 import tempfile
 
 import av
@@ -25,8 +32,57 @@ from input_pipeline import video
 from input_pipeline.builders.manifest import Entry
 
 
+# Largest media file a build reads (a stored example holds the whole file).
+MAX_FILE_BYTES = 4 * 2**30
+# Frames per clip the decode check samples: the configs' default data.num_frames.
+PROBE_NUM_FRAMES = 8
+_PROBE_RESOLUTION = 16  # the check converts frames to RGB at this size: the decode is what is checked
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
 class UnreadableInput(ValueError):
     """An input file that cannot become an example; the build skips and reports it."""
+
+
+def _too_big(size: int) -> UnreadableInput:
+    return UnreadableInput(f"{size} bytes, over the {MAX_FILE_BYTES / 2**30:g} GiB limit of one media file"
+                           f" (media.MAX_FILE_BYTES); cut it into clips or re-encode it smaller first")
+
+
+def read_media(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES; UnreadableInput otherwise."""
+    try:
+        if "://" in path:  # object stores hold files only
+            with epath.Path(path).open("rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        else:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (no effect on regular files).
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                status = os.fstat(fd)  # of what was opened: no race with a swapped path
+                if not stat.S_ISREG(status.st_mode):
+                    kind = next((name for test, name in _FILE_KINDS if test(status.st_mode)), "not a file")
+                    raise UnreadableInput(f"not a regular file ({kind}); list media files only")
+                if status.st_size > MAX_FILE_BYTES:
+                    raise _too_big(status.st_size)
+                with open(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise UnreadableInput(f"cannot read ({type(e).__name__}: {e})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_big(len(data))
+    return data
+
+
+def check_decodes(data: bytes, start: float, end: float) -> None:
+    """Raises video.DecodeError unless the clip [start, end)'s evaluation frames (PROBE_NUM_FRAMES of
+    them, as `video.decode_clip` samples them) and its last frame decode with training's reader."""
+    times = video.sample_times(PROBE_NUM_FRAMES, start=start, end=end)  # [T], rng None: evaluation's
+    last = max(end - 1e-3, start)  # what decode_clip shows for a time at the clip's end
+    video.decode_frames(data, [*times, last], resolution=_PROBE_RESOLUTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +217,7 @@ class _FramePicker:
 
 def make_example(entry: Entry, options: EncodeOptions) -> dict:
     """The tfds example of a manifest entry; raises UnreadableInput (with the reason) if it cannot be one."""
-    try:
-        data = epath.Path(entry.path).read_bytes()
-    except OSError as e:
-        raise UnreadableInput(f"cannot read ({type(e).__name__}: {e})") from None
+    data = read_media(entry.path)
     try:
         info = video.probe(data)
         if entry.is_image and not info.is_image and info.num_frames > 1:
@@ -185,6 +238,8 @@ def make_example(entry: Entry, options: EncodeOptions) -> dict:
             start, end = 0.0, info.duration
         else:
             end = min(end, info.duration) if end else info.duration
+        if not is_image:
+            check_decodes(data, start, end)
     except video.DecodeError as e:
         raise UnreadableInput(str(e)) from None
     return {

@@ -34,15 +34,20 @@ Examples (tfds feature → value):
     is_image    bool
     start, end  float32 seconds: the clip within `video` (0 and its duration when re-encoded)
     duration, fps, num_frames, width, height, rotation (degrees, applied at decode), codec
-Unreadable inputs are skipped and listed in the build summary and in the
-dataset's metadata.json ("skipped_inputs"); a manifest naming missing files
-fails the build, listing them. Beside the shards, captions-<split>.txt holds
-every caption (one per line) for tokenizer training (local builds).
+Rows that cannot be built (an empty caption, a line that is not UTF-8, a path
+outside the manifest's folder without --allow_outside: see manifest.py) and
+inputs that do not become examples (not a regular file, too large, not
+decodable, truncated: see media.py) are skipped and listed by manifest line in
+the build summary and in the dataset's metadata.json ("skipped_inputs"); a
+manifest naming missing files fails the build, listing them. Beside the shards,
+captions-<split>.txt holds every caption (one per line) for tokenizer training
+(local builds).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -97,6 +102,11 @@ def _features() -> tfds.features.FeaturesDict:
     )
 
 
+def _lines(lines) -> str:
+    """Manifest line numbers as text: "line 3", "lines 3, 8"."""
+    return f"line{'s' if len(lines) > 1 else ''} {', '.join(str(n) for n in lines)}"
+
+
 def _example_or_failure(entry: manifest_lib.Entry, options: media.EncodeOptions):
     """(key, example, None) or (key, None, reason): one entry, in a Beam worker or locally."""
     try:
@@ -128,12 +138,15 @@ class VideoCaptions(tfds.core.GeneratorBasedBuilder):
     )
 
     def __init__(self, *, manifest: str | None = None, options: media.EncodeOptions | None = None,
-                 file_format=None, **kwargs):
+                 allow_outside: bool = False, file_format=None, **kwargs):
         """`manifest`: its path (else manifest.jsonl/.csv in the manual dir); `options`: re-encoding
-        limits (else the builder config's). ArrayRecord unless `file_format` says otherwise."""
+        limits (else the builder config's); `allow_outside`: build media files outside the manifest's
+        folder too. ArrayRecord unless `file_format` says otherwise."""
         self._manifest = manifest
         self._options = options
-        self.report: dict[str, list[tuple[str, str]]] = {}  # split → [(id, reason)] of skipped inputs
+        self._allow_outside = allow_outside
+        # split → [{"lines", "id", "reason"}] of skipped rows and inputs
+        self.report: dict[str, list[dict]] = {}
         self._captions: dict[str, list[str]] = {}
         super().__init__(file_format=file_format or "array_record", **kwargs)
 
@@ -177,11 +190,15 @@ class VideoCaptions(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         path = self._manifest_path(dl_manager)
-        entries = manifest_lib.read_manifest(path)
-        manifest_lib.check_files_exist(entries, path)
+        manifest = manifest_lib.read_manifest(path, self._allow_outside)
+        manifest_lib.check_files_exist(manifest.entries, path)
         self.options.validate()
+        self.report = {}
+        for row in manifest.skipped:
+            self.report.setdefault(row.split, []).append({"lines": [row.line], "id": row.id, "reason": row.reason})
+        self._num_skipped_rows = {split: len(rows) for split, rows in self.report.items()}
         by_split: dict[str, list] = {}
-        for entry in entries:
+        for entry in manifest.entries:
             by_split.setdefault(entry.split, []).append(entry)
         self._num_entries = {split: len(rows) for split, rows in by_split.items()}
         self.info.metadata.update({"manifest": path, "encode_options": dataclasses.asdict(self.options)})
@@ -209,21 +226,22 @@ class VideoCaptions(tfds.core.GeneratorBasedBuilder):
         for entry in entries:
             key, example, failure = _example_or_failure(entry, options)
             if failure is not None:
-                logging.warning("skipped %s: %s", key, failure)
-                skipped.append((key, failure))
+                logging.warning("skipped %s %s: %s", _lines(entry.lines), key, failure)
+                skipped.append({"lines": list(entry.lines), "id": key, "reason": failure})
                 continue
             captions.extend(example["captions"])
             yield key, example
 
     def _download_and_prepare(self, dl_manager, download_config=None):
         result = super()._download_and_prepare(dl_manager, download_config)
-        # Inputs that did not become examples: listed (local build) or counted (Beam: the
-        # workers' logs list them). Saved in the dataset's metadata.json.
+        # Rows skipped by the manifest (listed) and inputs that did not become examples: listed
+        # (local build) or counted (Beam: the workers' logs list them). Saved in metadata.json.
         skipped = {}
-        for split, count in self._num_entries.items():
+        for split in sorted(set(self._num_entries) | set(self._num_skipped_rows)):
             built = self.info.splits[split].num_examples if split in self.info.splits else 0
-            listed = [{"id": key, "reason": reason} for key, reason in self.report.get(split, [])]
-            skipped[split] = {"count": count - built, "inputs": listed}
+            count = self._num_skipped_rows.get(split, 0) + self._num_entries.get(split, 0) - built
+            listed = sorted(self.report.get(split, []), key=lambda item: item["lines"])
+            skipped[split] = {"count": count, "inputs": listed}
         self.info.metadata["skipped_inputs"] = skipped
         # Every caption of a split, one per line, beside the shards: tokenizer training reads
         # these instead of whole records (local builds; Beam builds have none, and it reads records).
@@ -252,7 +270,7 @@ class BuildSummary:
     path: str  # data_dir/name/version
     examples: dict[str, int]
     bytes: dict[str, int]
-    skipped: dict[str, dict]  # split → {"count", "inputs": [{"id", "reason"}]}
+    skipped: dict[str, dict]  # split → {"count", "inputs": [{"lines", "id", "reason"}]}
 
     @property
     def num_skipped(self) -> int:
@@ -262,10 +280,10 @@ class BuildSummary:
         splits = ", ".join(f"{split} {n} ({self.bytes[split] / 2**20:.1f} MiB)" for split, n in self.examples.items())
         lines = [f"built {self.name} in {self.path}: {splits}"]
         if self.num_skipped:
-            lines.append(f"skipped {self.num_skipped} unreadable input(s):")
+            lines.append(f"skipped {self.num_skipped} input(s), by manifest line:")
             for split, info in self.skipped.items():
                 for item in info["inputs"]:
-                    lines.append(f"  [{split}] {item['id']}: {item['reason']}")
+                    lines.append(f"  [{split}] {_lines(item['lines'])} {item['id']}: {item['reason']}")
                 unlisted = info["count"] - len(info["inputs"])
                 if unlisted > 0:
                     lines.append(f"  [{split}] {unlisted} (built on Beam: the workers' logs name them)")
@@ -281,20 +299,24 @@ def build(
     overwrite: bool = False,
     beam_pipeline_options: str | None = None,
     num_shards: int | None = None,
+    allow_outside: bool = False,
 ) -> BuildSummary:
     """Builds dataset `name` from `manifest` into data_dir/name/VERSION; returns what was built.
 
     `beam_pipeline_options` ("runner=DirectRunner,direct_num_workers=2", ...): build on Apache
     Beam. An existing build of the same name and version is kept unless `overwrite`.
+    `allow_outside`: media paths may lead outside the manifest's folder.
     """
     options = options or media.EncodeOptions()
     options.validate()
     # The manifest is checked before tfds starts (its errors are then the only output).
-    manifest_lib.check_files_exist(manifest_lib.read_manifest(manifest), manifest)
-    builder = named_builder_class(name)(data_dir=data_dir, manifest=manifest, options=options)
+    manifest_lib.check_files_exist(manifest_lib.read_manifest(manifest, allow_outside).entries, manifest)
+    make = functools.partial(named_builder_class(name), data_dir=data_dir, manifest=manifest, options=options,
+                             allow_outside=allow_outside)
+    builder = make()
     if builder.is_prepared() and overwrite:
         builder.data_path.rmtree()
-        builder = named_builder_class(name)(data_dir=data_dir, manifest=manifest, options=options)
+        builder = make()
     elif builder.is_prepared():
         raise FileExistsError(f"{builder.data_path} already exists; pass --overwrite to rebuild it or pick another --name")
     config = tfds.download.DownloadConfig(num_shards=num_shards)
