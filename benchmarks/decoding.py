@@ -6,7 +6,8 @@
 Builds a randomly initialised captioner (video tower from configs/dual_encoder.py:tiny unless --video
 names a ViT size; decoder from vlm.models.captioner.VARIANTS), then for each mode decodes one random
 uint8 video batch: the first call compiles (timed separately), then --repeats timed calls; captions/s =
-batch / median time (and / best time: on a shared machine the best is the better estimate). An untrained model rarely says EOS, so every caption runs to --max_len: the loop's
+batch / median time (and / best time: on a shared machine the best is the better estimate). CPU s /
+batch is this process's CPU time (all threads) per call: less sensitive to other processes than wall time. An untrained model rarely says EOS, so every caption runs to --max_len: the loop's
 early exit never helps, which makes these worst-case numbers for that length. Prints a Markdown table
 (also written to --out, default $OUT/decoding.md when OUT is set).
 """
@@ -81,22 +82,24 @@ def main(argv=None) -> int:
     video = jnp.asarray(rng.integers(0, 256, (args.batch, args.frames, args.resolution, args.resolution, 3), np.uint8))
     rows = [f"decoding: video {args.video}, decoder {args.decoder}, batch {args.batch}, max_len {args.max_len}, "
             f"vocab {args.vocab}, {args.dtype}, {jax.devices()[0].platform} x{jax.local_device_count()}", "",
-            "| mode | compile s | median s / batch | captions/s (median) | captions/s (best) | tokens/s (median) | ended with EOS |",
-            "|---|---|---|---|---|---|---|"]
+            "| mode | compile s | median s / batch | captions/s (median) | captions/s (best) | tokens/s (median) | CPU s / batch "
+            "| ended with EOS |", "|---|---|---|---|---|---|---|---|"]
     for mode in args.modes.split(","):
         call = run_mode(model, video, mode, args)
         t0 = time.perf_counter()
         tokens = np.asarray(jax.block_until_ready(call()))
         compile_s = time.perf_counter() - t0
         times = []
+        cpu0 = time.process_time()
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             jax.block_until_ready(call())
             times.append(time.perf_counter() - t0)
+        cpu = (time.process_time() - cpu0) / args.repeats
         median = statistics.median(times)
         ended = float((tokens == EOS).any(-1).mean())
         rows.append(f"| {mode} | {compile_s:.1f} | {median:.3f} | {args.batch / median:.0f} | {args.batch / min(times):.0f} | "
-                    f"{args.batch * args.max_len / median:.0f} | {ended:.0%} |")
+                    f"{args.batch * args.max_len / median:.0f} | {cpu:.3f} | {ended:.0%} |")
     table = "\n".join(rows)
     print(table)
     if args.out:
