@@ -57,15 +57,38 @@ class SelfAttention(nnx.Module):
         self.query_norm = RMSNorm(head_dim, "head_dim", dtype=dtype, rngs=rngs) if qk_norm else None
         self.key_norm = RMSNorm(head_dim, "head_dim", dtype=dtype, rngs=rngs) if qk_norm else None
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, rotate: Rotate | None = None,
-                 is_causal: bool = False) -> jax.Array:
-        """x: [B, N, D]; mask: bool [B, N] of valid keys (None = all). Returns [B, N, D]."""
+    def _project(self, x: jax.Array, rotate: Rotate | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         q, k, v = self.query(x), self.key(x), self.value(x)  # [B, N, H, Dh]
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if rotate is not None:
             q, k = rotate(q, k)
+        return q, k, v
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, rotate: Rotate | None = None,
+                 is_causal: bool = False) -> jax.Array:
+        """x: [B, N, D]; mask: bool [B, N] of valid keys (None = all). Returns [B, N, D]."""
+        q, k, v = self._project(x, rotate)
         return self.out(attend(q, k, v, mask, self.impl, is_causal=is_causal))
+
+    def extend(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array, *,
+               rotate: Rotate | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Causal attention of new tokens against a key/value cache (autoregressive decoding).
+
+        x [B, N, D]: the tokens at positions index .. index+N-1; cache: (keys, values) [B, S, H, Dh]
+        holding positions < index (later slots are ignored); index: int32 scalar. `rotate`, if given,
+        must rotate for positions index .. index+N-1. Returns ([B, N, D], the cache with the new
+        positions written). Equals `__call__(..., is_causal=True)` on the whole prefix, row for row.
+        """
+        q, k, v = self._project(x, rotate)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+        n, s = x.shape[1], keys.shape[1]
+        visible = jnp.arange(s)[None, :] <= index + jnp.arange(n)[:, None]  # [N, S]: key position ≤ query position
+        # One query per step: the XLA path (a fused flash kernel gains nothing at N=1 and wants no mask).
+        out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                           mask=visible[None, None], implementation="xla")
+        return self.out(out), (keys, values)
 
 
 class CrossAttention(nnx.Module):
@@ -90,10 +113,13 @@ class CrossAttention(nnx.Module):
         return k, v
 
     def __call__(self, x: jax.Array, context: jax.Array | tuple[jax.Array, jax.Array],
-                 context_mask: jax.Array | None = None) -> jax.Array:
-        """x [B, N, D]; context [B, M, Dc] or its projected (keys, values); context_mask bool [B, M]. → [B, N, D]."""
+                 context_mask: jax.Array | None = None, *, impl: str | None = None) -> jax.Array:
+        """x [B, N, D]; context [B, M, Dc] or its projected (keys, values); context_mask bool [B, M]. → [B, N, D].
+
+        impl overrides the module's attention implementation (decoding uses "xla": one query per step).
+        """
         k, v = context if isinstance(context, tuple) else self.project_context(context)
         q = self.query(x)  # [B, N, H, Dh]
         if self.query_norm is not None:
             q = self.query_norm(q)
-        return self.out(attend(q, k, v, context_mask, self.impl))
+        return self.out(attend(q, k, v, context_mask, impl or self.impl))
