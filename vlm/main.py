@@ -4,6 +4,7 @@
   vlm eval --workdir=W [--step=N] [--evals=name,...] [--use_ema=false]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
+  vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train", "data build")
+COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -26,7 +27,7 @@ flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string("input", None, "tokenizer train: text file, one caption per line.")
 flags.DEFINE_integer("vocab_size", None, "tokenizer train: vocabulary size.")
-flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model).")
+flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model); convert: the export folder.")
 flags.DEFINE_string("manifest", None, "data build: JSONL or CSV manifest of media paths and captions.")
 flags.DEFINE_string("data_dir", None, "data build: where datasets live (writes DATA_DIR/NAME/VERSION).")
 flags.DEFINE_string("name", None, "data build: the dataset's name (then --config.data.name=NAME).")
@@ -40,6 +41,10 @@ flags.DEFINE_bool("overwrite", False, "data build: replace an existing dataset o
 flags.DEFINE_bool("allow_outside", False, "data build: allow media paths outside the manifest's folder.")
 flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
+flags.DEFINE_string("from", None, "convert: a Hugging Face checkpoint folder (config.json + model.safetensors).")
+flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's model family.")
+flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions).")
+flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
 FLAGS = flags.FLAGS
 
 
@@ -89,6 +94,16 @@ def main(argv: list[str]) -> None:
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
+        elif command == "convert":
+            _require("from", "kind", "output")
+            from vlm import convert
+
+            try:
+                path = convert.convert(FLAGS["from"].value, FLAGS.kind, FLAGS.output, num_frames=FLAGS.num_frames,
+                                       tubelet_frames=FLAGS.tubelet_frames)
+            except convert.ConvertError as e:
+                _fail(str(e))
+            print(f"wrote {path} (model.safetensors, config.json)", flush=True)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
