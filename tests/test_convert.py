@@ -6,6 +6,7 @@ before the options existed)."""
 
 import json
 import pathlib
+import pickle
 import re
 import shutil
 
@@ -20,6 +21,7 @@ pytest.importorskip("tokenizers")
 
 from tests.helpers import run_vlm, small_config  # noqa: E402
 from vlm import convert, sharding, tasks, train  # noqa: E402
+from vlm.tasks import contrastive  # noqa: E402
 from vlm.errors import ConfigError  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -94,6 +96,7 @@ def test_clip_tokenizer_json_matches_transformers(exports, expected):
     assert ids[2, -1] == tokenizer.vocab_size - 1  # truncation keeps <|endoftext|>, the highest id
     assert 0 in ids[1, :ids[1].argmax()]  # "!" is id 0 before the end: not masked as padding
     assert tokenizer.decode(ids[1]) == "two dogs on the grass !!"
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tokenizer)).encode(CLIP_TEXTS, 16), ids)  # Grain workers
     text_features = exports["clip"][3][1]
     np.testing.assert_allclose(text_features(jnp.asarray(expected["clip/hf_input_ids"])),
                                text_features(jnp.asarray(ids)), rtol=0, atol=1e-6)
@@ -208,6 +211,22 @@ def test_default_options_keep_the_dual_encoder_bit_identical():
             np.testing.assert_array_equal(value, reference[f"{attention}/{name}"], err_msg=f"{attention}/{name}")
 
 
+def test_a_config_json_from_before_the_options_builds_the_same_model():
+    """W/config.json of an older run lacks the new keys: its model is the default one (same parameter tree)."""
+    from vlm import config as config_lib
+
+    config = small_config()
+    values = json.loads(config_lib.to_json(config))
+    for tower, names in (("video", contrastive.VIDEO_OPTIONS + ("projection",)),
+                         ("text", contrastive.TEXT_OPTIONS + ("projection",))):
+        for name in names:
+            del values["model"][tower][name]
+    old = config_lib.from_json(json.dumps(values))
+    assert "pool" not in old.model.video
+    shapes = lambda c: jax.tree.map(lambda a: a.shape, convert.abstract_params(c))
+    assert shapes(old) == shapes(config)
+
+
 @pytest.mark.parametrize("kind", convert.KINDS)
 def test_export_fits_a_run_built_from_its_config(kind, exports):
     """What init_from checks before loading: the run that the export's config.json builds (train.build,
@@ -237,6 +256,11 @@ def test_cli_convert(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {tmp_path}/d" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "d" / "model.safetensors", framework="numpy") as f:
+        assert {k: f.metadata()[k] for k in ("format", "format_version", "weights")} == dict(
+            format="vlm", format_version="1", weights="converted")
     proc = run_vlm("convert", f"--from={HF}/siglip", "--kind=clip", f"--output={tmp_path}/e")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (

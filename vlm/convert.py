@@ -339,8 +339,8 @@ def convert(source: str | Path, kind: str, output: str | Path, *, num_frames: in
     config = _vlm_config(values, _normalisation(source, *DEFAULT_NORMALISATION[kind]), num_frames)
     flat = {k: np.array(v, np.float32, order="C") for k, v in _flat(params).items()}
     _check_against_model(flat, config, f"converting {source}")
-    write_export(output, flat, config, readme=f"Converted from the Hugging Face {kind} checkpoint {source.resolve()} "
-                                              f"by `vlm convert`.\n")
+    write_export(output, flat, config, source=f"{kind}:{source.resolve()}",
+                 readme=f"Converted from the Hugging Face {kind} checkpoint {source.resolve()} by `vlm convert`.\n")
     if (source / "tokenizer.json").exists():
         shutil.copyfile(source / "tokenizer.json", output / "tokenizer.json")
     if (source / "spiece.model").exists():
@@ -348,16 +348,20 @@ def convert(source: str | Path, kind: str, output: str | Path, *, num_frames: in
     return output
 
 
-def write_export(output: str | Path, flat_params: dict[str, np.ndarray], config, *, readme: str = "") -> None:
-    """An export folder: model.safetensors ("/"-joined parameter paths → float32), config.json, README.md."""
+def write_export(output: str | Path, flat_params: dict[str, np.ndarray], config, *, source: str = "",
+                 readme: str = "") -> None:
+    """An export folder: model.safetensors ("/"-joined parameter paths → float32, with header metadata
+    format="vlm", format_version="1", weights="converted", source, dtype, step), config.json, README.md."""
     from safetensors.numpy import save_file
 
     from vlm import config as config_lib
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.array(v, np.float32, order="C") for k, v in flat_params.items()},
-              str(output / "model.safetensors"), metadata={"format": "vlm"})
+    metadata = {"format": "vlm", "format_version": "1", "weights": "converted", "source": source, "dtype": "float32",
+                "step": "0"}
+    save_file({k: np.array(v, np.float32, order="C") for k, v in sorted(flat_params.items())},
+              str(output / "model.safetensors"), metadata=metadata)
     (output / "config.json").write_text(config_lib.to_json(config))
     (output / "README.md").write_text(
         "# vlm export\n\n" + readme + "\n`model.safetensors`: float32 parameters keyed by their `/`-joined paths; "

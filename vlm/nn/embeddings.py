@@ -15,8 +15,6 @@ from vlm.nn.linear import Dense, Dtype
 # Video arrives as uint8 and the model normalises (DESIGN.md): (x/255 - mean) / std per channel.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the default; CLIP: (0.4815, 0.4578, 0.4082), SigLIP: (0.5, 0.5, 0.5)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # CLIP: (0.2686, 0.2613, 0.2758), SigLIP: (0.5, 0.5, 0.5)
-RGB_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
-RGB_STD = np.array(IMAGENET_STD, np.float32) * 255.0  # numpy: importing must not start the JAX backend
 
 
 class TubeletEmbed(nnx.Module):
@@ -47,6 +45,7 @@ class TubeletEmbed(nnx.Module):
         if T % t:
             video = jnp.concatenate([video, jnp.repeat(video[:, -1:], t - T % t, axis=1)], axis=1)
             T = video.shape[1]
+        # numpy constants (as before: importing must not start the JAX backend), in uint8 units
         mean, std = np.array(self.rgb_mean, np.float32) * 255.0, np.array(self.rgb_std, np.float32) * 255.0
         x = (video.astype(jnp.float32) - mean) / std
         x = x.reshape(b, T // t, t, H // p, p, W // q, q, C)
