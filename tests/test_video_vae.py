@@ -12,8 +12,10 @@ from vlm.models import video_vae_tiling as tiling
 from vlm.models.video_vae import VARIANTS, Posterior, VideoVAE, to_uint8
 from vlm.nn.conv import CausalConv3d
 
-# The default structure (8x space, 4x time, 4 levels), as narrow and shallow as possible so it compiles fast.
-SMALL = dict(base_channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=0, latent_channels=4)
+# Wan 2.1's structure (8x space, 4x time at the last two of 3 stages, mid attention) plus the resampling
+# shortcuts, as narrow and shallow as possible so it compiles fast.
+SMALL = dict(base_channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=0, latent_channels=4,
+             temporal_downsample=(False, True, True), mid_attention=True)
 
 
 # XLA:CPU compiles 2-3x faster without LLVM optimisation; these shapes are tiny, so run time does not matter.
@@ -53,33 +55,39 @@ def decode(vae):
     return jitted(vae, lambda m, z: m.decode(z))
 
 
-def test_shapes_and_an_image_is_the_first_frame(vae, encode, decode):
-    video = random_video((2, 9, 32, 32, 3))  # [B, 1 + 4k, H, W, 3], k = 2
+@pytest.fixture(scope="module")
+def clip(encode, decode):
+    """One clip for every one-shot comparison (one compile): [B, 1 + 4k, H, W, 3] with k = 6, its latents
+    and its decoded frames. k = 6 later latent frames: chunks of 4 and 8 need padding."""
+    video = random_video((2, 25, 16, 16, 3), seed=1)
     latents = encode(video)
-    assert latents.shape == (2, 3, 4, 4, 4) == vae.latent_shape(video.shape)  # [B, 1 + k, H/8, W/8, z]
-    assert decode(latents).shape == (2, 9, 32, 32, 3)
+    return video, latents, decode(latents)
+
+
+def test_shapes_and_an_image_is_the_first_frame(vae, encode, clip):
+    video, latents, frames = clip
+    assert latents.shape == (2, 7, 2, 2, 4) == vae.latent_shape(video.shape)  # [B, 1 + k, H/8, W/8, z]
+    assert frames.shape == video.shape
     image = encode(video[:, :1])  # an image is a one-frame video → one latent frame
-    assert image.shape == (2, 1, 4, 4, 4)
+    assert image.shape == (2, 1, 2, 2, 4)
     # Same numbers as the video's first latent (a different conv length may round differently).
     np.testing.assert_allclose(image, latents[:, :1], rtol=0, atol=1e-6)
     assert float(jnp.abs(latents[:, 1] - latents[:, 0]).max()) > 1e-2  # ... and the others are not that
     with pytest.raises(ValueError, match="1 \\+ 4k frames"):
         vae.encode(video[:, :8])
     with pytest.raises(ValueError, match="not divisible by the spatial compression 8"):
-        vae.encode(video[:, :, :30])
+        vae.encode(video[:, :, :12])
     with pytest.raises(ValueError, match="latents must be"):
         vae.decode(latents[..., :3])
 
 
-def test_encoder_and_decoder_are_causal(encode, decode):
-    video = random_video((1, 13, 32, 32, 3))  # latents: frame 0 | 1..4 | 5..8 | 9..12
-    latents = encode(video)
+def test_encoder_and_decoder_are_causal(encode, decode, clip):
+    video, latents, frames = clip  # latents: frame 0 | 1..4 | 5..8 | 9..12 | ...
     for first_changed, group in ((1, 1), (5, 2), (9, 3)):
         changed = video.at[:, first_changed:].set(255 - video[:, first_changed:])
         other = encode(changed)
         np.testing.assert_array_equal(other[:, :group], latents[:, :group])  # bit-identical before the group
         assert float(jnp.abs(other[:, group] - latents[:, group]).max()) > 1e-3
-    frames = decode(latents)
     for group in (1, 2, 3):  # latent j ≥ 1 decodes to frames 4j - 3 .. 4j
         changed = latents.at[:, group:].add(1.0)
         other = decode(changed)
@@ -88,20 +96,13 @@ def test_encoder_and_decoder_are_causal(encode, decode):
         assert float(jnp.abs(other[:, first_frame] - frames[:, first_frame]).max()) > 1e-3
 
 
-@pytest.fixture(scope="module")
-def clip_and_one_shot(encode, decode):
-    video = random_video((1, 25, 16, 16, 3), seed=1)  # k = 6 later latent frames: chunks 4 and 8 need padding
-    latents = encode(video)
-    return video, latents, decode(latents)
-
-
 @pytest.mark.parametrize("chunk", [1, 4, 8])
-def test_chunked_passes_equal_one_shot(vae, clip_and_one_shot, chunk):
-    video, latents, frames = clip_and_one_shot
+def test_chunked_passes_equal_one_shot(vae, clip, chunk):
+    video, latents, frames = clip
     chunked_latents = jitted(vae, lambda m, v: tiling.encode_chunked(m, v, chunk).mean)(video)
     np.testing.assert_allclose(chunked_latents, latents, rtol=0, atol=1e-5)
     chunked_frames = jitted(vae, lambda m, z: tiling.decode_chunked(m, z, chunk))(latents)
-    assert chunked_frames.shape == frames.shape == (1, 25, 16, 16, 3)
+    assert chunked_frames.shape == frames.shape == (2, 25, 16, 16, 3)
     np.testing.assert_allclose(chunked_frames, frames, rtol=0, atol=1e-5)
 
 
@@ -244,4 +245,11 @@ def test_conv_impls_and_chunked_conv_agree():
     head, cache = conv(x[:, :3])  # the first 3 frames, then the other 4 with the cache
     tail, _ = conv(x[:, 3:], cache)
     np.testing.assert_allclose(jnp.concatenate([head, tail], 1), native, rtol=0, atol=1e-5)
-    assert set(VARIANTS) == {"tiny", "wan"}
+
+
+@pytest.mark.parametrize("variant, max_params", [("tiny", 3e6), ("wan", 1.5e8)])
+def test_variants_compress_8x_in_space_4x_in_time(variant, max_params):
+    model = nnx.eval_shape(lambda: VideoVAE(**VARIANTS[variant], rngs=nnx.Rngs(0)))  # shapes only
+    assert model.latent_shape((2, 17, 64, 64, 3)) == (2, 5, 8, 8, 16)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert max_params / 2 < params < max_params  # tiny ~1.9M; wan ~133M (Wan 2.1's VAE: ~127M)

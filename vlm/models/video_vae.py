@@ -334,17 +334,18 @@ class VideoVAE(nnx.Module):
     """Causal 3D conv VAE: `encode(video) -> Posterior`, `decode(latents) -> video`, `__call__` for training.
 
     Compression: `spatial_compression` = 2 ** (len(channel_multipliers) - 1) (8 for 4 levels),
-    `temporal_compression` = 2 ** sum(temporal_downsample) (4 by default).
+    `temporal_compression` = 2 ** sum(temporal_downsample) (4 for two True stages). The defaults are
+    the "tiny" variant. `remat` names a policy of vlm.nn.transformer.REMAT_POLICIES, applied per ResBlock.
     """
 
     def __init__(
         self,
         *,
-        base_channels: int = 16,
-        channel_multipliers: Sequence[int] = (1, 2, 4, 4),
+        base_channels: int = 8,
+        channel_multipliers: Sequence[int] = (1, 2, 4, 8),
         num_res_blocks: int = 1,
-        latent_channels: int = 8,
-        temporal_downsample: Sequence[bool] = (False, True, True),
+        latent_channels: int = 16,
+        temporal_downsample: Sequence[bool] = (True, True, False),
         mid_attention: bool = False,
         resample_shortcut: bool = True,
         remat: str = "none",
@@ -371,7 +372,6 @@ class VideoVAE(nnx.Module):
         self.latent_channels = latent_channels
         self.spatial_compression = 2 ** (len(channel_multipliers) - 1)
         self.temporal_compression = 2 ** sum(temporal_downsample)
-        self.mid_attention = mid_attention
         self.dtype = dtype
 
     # ---- shapes -------------------------------------------------------------------------------
