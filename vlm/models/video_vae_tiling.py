@@ -35,10 +35,10 @@ def _check_chunk(chunk: int) -> int:
     return int(chunk)
 
 
-def _scan_chunks(step, cache, rest: jax.Array, per_chunk: int, count: int) -> jax.Array:
-    """Runs `step(cache, x) -> (cache, y)` over `rest` [B, count * per_chunk, ...] in chunks of
-    `per_chunk` frames under lax.scan (padding the end to whole chunks); returns y [B, count * out, ...]
-    concatenated over chunks, with the padded part still attached (the caller trims)."""
+def _scan_chunks(step, cache, rest: jax.Array, per_chunk: int) -> jax.Array:
+    """Runs `step(cache, x) -> (cache, y)` over `rest` [B, N, ...] in chunks of `per_chunk` frames under
+    lax.scan (the end padded to whole chunks); returns the y's concatenated over chunks [B, N', ...],
+    the padded part's outputs still attached (the caller trims)."""
     b, n = rest.shape[0], rest.shape[1]
     num_chunks = math.ceil(n / per_chunk)
     pad = num_chunks * per_chunk - n
@@ -62,7 +62,7 @@ def encode_moments_chunked(vae: VideoVAE, x: jax.Array, chunk: int = 1) -> jax.A
         moments, cache = vae.encode_step(frames, cache, first=False)
         return cache, moments
 
-    rest = _scan_chunks(step, cache, x[:, 1:], chunk * tc, k)[:, :k]
+    rest = _scan_chunks(step, cache, x[:, 1:], chunk * tc)[:, :k]
     return jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
 
 
@@ -78,7 +78,7 @@ def decode_chunked_float(vae: VideoVAE, latents: jax.Array, chunk: int = 1) -> j
         frames, cache = vae.decode_step(z, cache, first=False)
         return cache, frames
 
-    rest = _scan_chunks(step, cache, latents[:, 1:], chunk, k)[:, : k * tc]
+    rest = _scan_chunks(step, cache, latents[:, 1:], chunk)[:, : k * tc]
     return jnp.concatenate([first, rest], axis=1)
 
 
