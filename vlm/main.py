@@ -4,6 +4,7 @@
   vlm eval --workdir=W [--step=N] [--evals=name,...] [--use_ema=false]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
+  vlm sample --workdir=W --prompt="..." --out=x.mp4 [--num_frames --steps --cfg --seed --sampler]
   vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
 """
 
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert")
+COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert", "sample")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -43,7 +44,14 @@ flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
 flags.DEFINE_string("from", None, "convert: a Hugging Face checkpoint folder (config.json + model.safetensors).")
 flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's model family.")
-flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions).")
+flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions); "
+                     "sample: frames to generate (1 + 4k; default: the latent cache's clips).")
+flags.DEFINE_string("prompt", None, "sample: the text to generate a video for.")
+flags.DEFINE_string("out", None, "sample: output .mp4 (a .gif is written beside it).")
+flags.DEFINE_integer("steps", 0, "sample: ODE steps (default: config.task.sample_steps).")
+flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (default: config.task.guidance).")
+flags.DEFINE_integer("seed", 0, "sample: noise seed.")
+flags.DEFINE_string("sampler", "", "sample: euler | heun (default: config.task.sampler).")
 flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
 FLAGS = flags.FLAGS
 
@@ -94,6 +102,13 @@ def main(argv: list[str]) -> None:
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
+        elif command == "sample":
+            _require("workdir", "prompt", "out")
+            from vlm.tasks import diffusion
+
+            print(diffusion.sample_to_file(
+                FLAGS.workdir, FLAGS.prompt, FLAGS.out, num_frames=FLAGS.num_frames if FLAGS["num_frames"].present else 0,
+                steps=FLAGS.steps, guidance=FLAGS.cfg, seed=FLAGS.seed, sampler=FLAGS.sampler), flush=True)
         elif command == "convert":
             _require("from", "kind", "output")
             from vlm import convert
