@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Mapping
 
 from etils import epath
@@ -84,7 +85,7 @@ class WandbWriter:
     def __init__(self, workdir: str, config):
         wandb = _import("wandb")
         ids = _RunIdFile(workdir, "wandb")
-        run_id = ids.read() or wandb.util.generate_id()
+        run_id = ids.read() or uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
         local = "://" not in os.fspath(workdir)
         self.run = wandb.init(
             id=run_id, resume="allow", name=_run_name(workdir), config=flat_config(config),
