@@ -93,6 +93,9 @@ def test_bfloat16_export_is_close(exports, from_workdir, clips):
         data = CAPTIONS if fn == "embed_text" else clips
         a, b = getattr(half, fn)(data), getattr(from_workdir, fn)(data)
         assert 0 < np.abs(a - b).max() < 2e-2, fn
+    compute = vlm.load(exports[1], dtype="bfloat16")  # float32 weights, bfloat16 compute
+    assert compute.config.model.dtype == "bfloat16"
+    assert 0 < np.abs(compute.embed_text(CAPTIONS) - from_workdir.embed_text(CAPTIONS)).max() < 3e-2
 
 
 def test_export_loads_without_orbax(exports, from_workdir):

@@ -115,6 +115,7 @@ def test_embed_video_of_an_mp4_equals_the_eval_batch_embedding(loaded, video_dat
     assert host["caption"] == ["clip number 0", "clip number 1", "clip number 2"]
     paths = [str(folder / f"clip_{i}.mp4") for i in range(3)]
     np.testing.assert_array_equal(loaded.embed_video(paths), out["video"])  # bit for bit
+    assert loaded.rgb_mean == (0.485, 0.456, 0.406)  # the model's own normalisation (ImageNet by default)
     clip = loaded.preprocess(paths[1])
     assert clip.dtype == np.uint8 and clip.shape == (4, 16, 16, 3)
     np.testing.assert_array_equal(loaded.embed_video(clip[None]), loaded.embed_video([paths[1]]))

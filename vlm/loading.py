@@ -36,6 +36,8 @@ from vlm import run_tokenizer, sharding, tasks
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_DEFAULT_BATCH = 64  # rows per call when the run's eval batch is larger (one device's memory)
 EXPORT_WEIGHTS = "model.safetensors"
+# vlm/nn/embeddings.py's constants, for configs without model.video.rgb_mean / rgb_std.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass
@@ -54,6 +56,15 @@ class Loaded:
     @property
     def max_text_len(self) -> int:
         return int(self.config.data.max_text_len)
+
+    @property
+    def rgb_mean(self) -> tuple[float, float, float]:
+        """The model's per-channel normalisation mean, in [0, 1] units (it normalises uint8 video itself)."""
+        return tuple(self.config.model.video.get("rgb_mean", IMAGENET_MEAN))
+
+    @property
+    def rgb_std(self) -> tuple[float, float, float]:
+        return tuple(self.config.model.video.get("rgb_std", IMAGENET_STD))
 
     @property
     def clip_shape(self) -> tuple[int, int, int, int]:
