@@ -41,7 +41,7 @@ import os
 import jax
 import numpy as np
 from etils import epath
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -63,7 +63,8 @@ def vlm_version() -> str:
         return "unknown"
 
 
-def _np_dtype(name: str):
+def numpy_dtype(name: str):
+    """float32 | bfloat16 | float16 → the numpy dtype (ml_dtypes for bfloat16)."""
     import ml_dtypes
 
     return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
@@ -234,10 +235,8 @@ def export(workdir: str, output: str, *, step: int | None = None, use_ema: bool 
     if loading.is_export(workdir):
         raise ValueError(f"{workdir} is already an export folder; --workdir must be a `vlm train` workdir")
     loaded = loading.load(workdir, step=step, use_ema=use_ema)
-    from flax import nnx
-
     params = flatten(jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))))
-    params = {k: np.asarray(v).astype(_np_dtype(dtype)) for k, v in params.items()}
+    params = {k: np.asarray(v).astype(numpy_dtype(dtype)) for k, v in params.items()}
     weights = "ema" if use_ema is not False and _has_ema(workdir, loaded.step) else "params"
     card = model_card(workdir, loaded.step, weights, dtype, loaded.config, format == "stablehlo")
     config = loading.read_config(workdir)  # as saved (not the loading mesh), with the run's tokenizer sha

@@ -66,7 +66,7 @@ def export_functions(loaded, folder, *, dtype: str = "float32") -> list[str]:
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     graphdef, abstract_params, _, _, _ = loading.abstract_model(config, mesh, loaded.rules)
     keys = {"/".join(str(p) for p in k): k for k in traverse_util.flatten_dict(abstract_params)}
-    stored_dtype = export_lib._np_dtype(dtype)
+    stored_dtype = export_lib.numpy_dtype(dtype)
     params_spec = {name: jax.ShapeDtypeStruct(leaf.shape, stored_dtype)
                    for name, leaf in export_lib.flatten(abstract_params).items()}
     (b,) = jax.export.symbolic_shape("b")
