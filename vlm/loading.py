@@ -32,12 +32,12 @@ from flax import nnx
 
 from vlm import config as config_lib
 from vlm import run_tokenizer, sharding, tasks
+from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD
 
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_DEFAULT_BATCH = 64  # rows per call when the run's eval batch is larger (one device's memory)
 EXPORT_WEIGHTS = "model.safetensors"
 # vlm/nn/embeddings.py's constants, for configs without model.video.rgb_mean / rgb_std.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass
