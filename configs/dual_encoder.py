@@ -107,6 +107,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.task = dict(name="contrastive", loss="softmax", max_logit_scale=100.0)
     # Named evaluators (vlm/eval/evaluators.py): type, every (steps; 0 = eval_every), prefix, options.
     c.evals = dict(retrieval=dict(type="retrieval", every=0))
+    # Metric sinks besides the console and W/metrics.jsonl: "tensorboard" (W/tensorboard/), "wandb",
+    # "mlflow" (pip install 'vlm[tracking]'; set WANDB_PROJECT / MLFLOW_TRACKING_URI; the tracker's run
+    # id is kept in W/, so a resumed run continues the same tracker run). See vlm/tracking.py.
+    c.metrics = dict(writers=("tensorboard",))
 
     if arg in ("B/16", "L/14"):
         size, patch = arg.split("/")

@@ -6,6 +6,9 @@
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
   vlm sample --workdir=W --prompt="..." --out=x.mp4 [--num_frames --steps --cfg --seed --sampler]
   vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
+  vlm export --workdir=W --output=D [--step=N] [--dtype=bfloat16] [--format=safetensors|stablehlo]
+  vlm embed --workdir=W|--export=D [--name=NAME --split=S --data_dir=DIR | --manifest=M] --output=O
+  vlm retrieve --index=O --text="..." | --video=x.mp4 [--k=10]
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert", "sample")
+COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert", "export", "embed", "retrieve", "sample")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -53,6 +56,17 @@ flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (default
 flags.DEFINE_integer("seed", 0, "sample: noise seed.")
 flags.DEFINE_string("sampler", "", "sample: euler | heun (default: config.task.sampler).")
 flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the stored parameters' dtype.")
+flags.DEFINE_enum("format", "safetensors", ["safetensors", "stablehlo"],
+                  "export: safetensors (model.safetensors, config.json, tokenizer.model, README.md), or that plus "
+                  "jax.export'ed embed_text/embed_video (stablehlo).")
+flags.DEFINE_string("export", None, "embed: an export folder (`vlm export`) instead of --workdir.")
+flags.DEFINE_string("split", None, "embed: the split to embed (default: the run's eval split; a manifest: all rows).")
+flags.DEFINE_integer("batch_size", None, "embed: global rows per step (default: the run's eval_batch_size).")
+flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`.")
+flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
+flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
+flags.DEFINE_integer("k", 10, "retrieve: how many results.")
 FLAGS = flags.FLAGS
 
 
@@ -79,7 +93,7 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
-        if command in ("train", "eval"):
+        if command in ("train", "eval", "embed"):
             from vlm import distributed
 
             distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -119,6 +133,8 @@ def main(argv: list[str]) -> None:
             except convert.ConvertError as e:
                 _fail(str(e))
             print(f"wrote {path} (model.safetensors, config.json)", flush=True)
+        elif command in ("export", "embed", "retrieve"):
+            _downstream(command)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
@@ -169,6 +185,46 @@ def _data_build() -> None:
         _fail(str(e))
     print("\n".join(summary.lines()), flush=True)
     print(f"train on it with: --config.data.name={FLAGS.name} --config.data.data_dir={FLAGS.data_dir}", flush=True)
+
+
+def _downstream(command: str) -> None:
+    """`vlm export`, `vlm embed`, `vlm retrieve` (vlm/export.py, vlm/embed.py)."""
+    if command == "export":
+        _require("workdir", "output")
+        from vlm import export
+
+        try:
+            folder = export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
+                                   dtype=FLAGS.dtype, format=FLAGS.format)
+        except ValueError as e:
+            _fail(str(e))
+        print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}", flush=True)
+        return
+    from vlm import embed
+
+    if command == "embed":
+        if (FLAGS.workdir is None) == (FLAGS.export is None):
+            _fail("vlm embed needs exactly one of --workdir (a run) and --export (an export folder)")
+        _require("output")
+        try:
+            info = embed.embed(FLAGS.workdir or FLAGS.export, FLAGS.output, name=FLAGS.name, split=FLAGS.split,
+                               data_dir=FLAGS.data_dir, manifest=FLAGS.manifest, batch_size=FLAGS.batch_size)
+        except ValueError as e:
+            _fail(str(e))
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"wrote {info['count']} rows ({info['skipped']} skipped) of {info['source']} to {FLAGS.output}",
+                  flush=True)
+        return
+    _require("index")
+    try:
+        results = embed.retrieve(FLAGS.index, text=FLAGS.text, video=FLAGS.video, k=FLAGS.k,
+                                 model_path=FLAGS.workdir or FLAGS.export)
+    except ValueError as e:
+        _fail(str(e))
+    for r in results:
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['id']}  {r['caption']}", flush=True)
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:
