@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm.errors import ConfigError
 from vlm.nn.embeddings import LearnedPositions, TubeletEmbed
 from vlm.nn.transformer import Encoder
 
@@ -62,3 +63,36 @@ class VideoEncoder(nnx.Module):
         else:
             x = self.encoder(x.reshape(b, t * s, d))
         return x.reshape(b, t * s, d)
+
+
+def check_config(config) -> None:
+    """One-line ConfigErrors for the video tower's keys of a run config (before anything compiles)."""
+    t, p, q = config.model.video.tubelet
+    if config.data.resolution % p or config.data.resolution % q:
+        raise ConfigError(
+            f"config.data.resolution={config.data.resolution} is not divisible by the patch size {p}x{q} "
+            f"(config.model.video.tubelet); pick a multiple of {p}"
+        )
+    if config.model.video.attention not in ("joint", "divided"):
+        raise ConfigError(f"config.model.video.attention={config.model.video.attention!r} is unknown; use joint or divided")
+
+
+def from_config(config, rngs: nnx.Rngs) -> VideoEncoder:
+    """The video tower of a run config: `model.video` sizes, `data` frames and resolution, and the
+    model's dtype, remat and attention kernel. Every task with a video tower builds it here, so its
+    parameters (`video/...`) are the same in every family and one run's tower loads into another."""
+    m, d = config.model, config.data
+    return VideoEncoder(
+        num_frames=d.num_frames,
+        resolution=d.resolution,
+        tubelet=tuple(m.video.tubelet),
+        width=m.video.width,
+        depth=m.video.depth,
+        num_heads=m.video.num_heads,
+        mlp_dim=m.video.mlp_dim,
+        attention=m.video.attention,
+        remat=m.remat,
+        dtype=jnp.dtype(m.dtype),
+        attention_impl=m.attention_impl,
+        rngs=rngs,
+    )
