@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm import sharding
+from vlm.nn.attention import CONTEXT_PARALLEL_KINDS, SelfAttention
 from vlm.nn.embeddings import LearnedPositions, TubeletEmbed
 from vlm.nn.transformer import Encoder
 
@@ -40,16 +42,28 @@ class VideoEncoder(nnx.Module):
         remat: str = "none",
         dtype=jnp.float32,
         attention_impl: str = "xla",
+        context_parallel: str = "none",
         rngs: nnx.Rngs,
     ):
         if attention not in ("joint", "divided"):
             raise ValueError(f"unknown video attention {attention!r}; choose 'joint' or 'divided'")
+        if context_parallel not in CONTEXT_PARALLEL_KINDS:
+            raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of {', '.join(CONTEXT_PARALLEL_KINDS)}")
+        if context_parallel != "none" and attention != "joint":
+            raise ValueError(f"context_parallel={context_parallel!r} needs attention='joint'; divided attention's "
+                             f"short sequences are partitioned by XLA (use context_parallel='none')")
         t, p, q = tubelet
         self.attention = attention
         self.embed = TubeletEmbed(tubelet, width, dtype=dtype, rngs=rngs)
         self.temporal_pos = LearnedPositions(-(-num_frames // t), width, "frames", rngs=rngs)
         self.spatial_pos = LearnedPositions((resolution // p) * (resolution // q), width, "tokens", rngs=rngs)
         self.encoder = Encoder(width, depth, num_heads, mlp_dim, block=attention, remat=remat, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+        # Joint attention over all T'*S tokens, split over the context axis. (Set on the encoder's attention
+        # layers here until Encoder takes the option itself.)
+        if context_parallel != "none":
+            for _, module in nnx.iter_modules(self.encoder):
+                if isinstance(module, SelfAttention):
+                    module.context_parallel = context_parallel
         self.width = width
 
     def __call__(self, video: jax.Array) -> jax.Array:
@@ -60,5 +74,6 @@ class VideoEncoder(nnx.Module):
         if self.attention == "divided":
             x = self.encoder(x, logical_axes=("batch", "frames", "tokens", "embed"))
         else:
-            x = self.encoder(x.reshape(b, t * s, d))
+            # [B, T'*S, D], split over the context axis from the first block on
+            x = self.encoder(sharding.constrain(x.reshape(b, t * s, d), ("batch", "tokens", "embed")))
         return x.reshape(b, t * s, d)
