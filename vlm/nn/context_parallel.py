@@ -106,7 +106,8 @@ def _ring(q, k, v, mask, *, axis, size: int, is_causal: bool) -> jax.Array:
     """Per device: q, k, v [b, n, h, Dh] (n = N/c), mask [b, n] of this key chunk → [b, n, h, Dh].
 
     Online softmax over the c key chunks, in float32: running max m and sum l [b, n, h], unnormalised
-    output o [b, n, h, Dh]. Each step is rematerialised in the backward pass (only the carries are kept).
+    output o [b, n, h, Dh]. Each step is rematerialised in the backward pass (only the carries are kept:
+    no [n, n] scores outlive their step).
     """
     n, dh = q.shape[1], q.shape[-1]
     me = lax.axis_index(axis)
@@ -135,10 +136,14 @@ def _ring(q, k, v, mask, *, axis, size: int, is_causal: bool) -> jax.Array:
         pv = jnp.einsum("bnhm,bmhd->bnhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o * correction[..., None] + pv, m_new, l * correction + p.sum(-1)
 
-    s = block(0, k, v, mask)
-    m = s.max(-1)
-    p = jnp.exp(s - m[..., None])
-    carry = (jnp.einsum("bnhm,bmhd->bnhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32), m, p.sum(-1))
+    @jax.checkpoint
+    def first(k, v, mask):  # the local chunk: starts the running max and sum
+        s = block(0, k, v, mask)
+        m = s.max(-1)
+        p = jnp.exp(s - m[..., None])
+        return jnp.einsum("bnhm,bmhd->bnhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32), m, p.sum(-1)
+
+    carry = first(k, v, mask)
 
     @jax.checkpoint
     def step_fn(state, step):
