@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm.nn.attention import CrossAttention
+from vlm import sharding
+from vlm.nn.attention import CONTEXT_PARALLEL_KINDS, CrossAttention, SelfAttention
 from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD, LearnedPositions, TubeletEmbed
 from vlm.nn.linear import LayerNorm
 from vlm.nn.mlp import Mlp
@@ -76,12 +77,18 @@ class VideoEncoder(nnx.Module):
         activation: str = "gelu_tanh",
         rgb_mean: Sequence[float] = IMAGENET_MEAN,
         rgb_std: Sequence[float] = IMAGENET_STD,
+        context_parallel: str = "none",
         rngs: nnx.Rngs,
     ):
         if attention not in ("joint", "divided"):
             raise ValueError(f"unknown video attention {attention!r}; choose 'joint' or 'divided'")
         if pool not in POOLS:
             raise ValueError(f"unknown video pooling {pool!r}; choose one of {', '.join(POOLS)}")
+        if context_parallel not in CONTEXT_PARALLEL_KINDS:
+            raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of {', '.join(CONTEXT_PARALLEL_KINDS)}")
+        if context_parallel != "none" and attention != "joint":
+            raise ValueError(f"context_parallel={context_parallel!r} needs attention='joint'; divided attention's "
+                             f"short sequences are partitioned by XLA (use context_parallel='none')")
         t, p, q = tubelet
         self.attention = attention
         self.pool = pool
@@ -96,6 +103,12 @@ class VideoEncoder(nnx.Module):
                                attention_impl=attention_impl, norm_eps=norm_eps, activation=activation, rngs=rngs)
         self.head = MapHead(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, norm_eps=norm_eps,
                             activation=activation, rngs=rngs) if pool == "map" else None
+        # Joint attention over all T'*S tokens, split over the context axis. (Set on the encoder's attention
+        # layers here until Encoder takes the option itself.)
+        if context_parallel != "none":
+            for _, module in nnx.iter_modules(self.encoder):
+                if isinstance(module, SelfAttention):
+                    module.context_parallel = context_parallel
         self.width = width
 
     def frames(self, video: jax.Array) -> jax.Array:
@@ -112,7 +125,9 @@ class VideoEncoder(nnx.Module):
             x = self.pre_norm(x)
         if self.attention == "divided":
             return self.encoder(x, logical_axes=("batch", "frames", "tokens", "embed"))
-        return self.encoder(x.reshape(b, t * s, d)).reshape(b, t, s, d)
+        # [B, T'*S, D], split over the context axis from the first block on
+        x = sharding.constrain(x.reshape(b, t * s, d), ("batch", "tokens", "embed"))
+        return self.encoder(x).reshape(b, t, s, d)
 
     def __call__(self, video: jax.Array) -> jax.Array:
         """video uint8 [B, T, H, W, 3] → tokens [B, T'*S, D] (T'*(S+1) with class tokens)."""
