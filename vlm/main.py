@@ -5,6 +5,10 @@
   vlm caption --workdir=W a.mp4 [b.mp4 ...] [--decode=greedy|beam|sample] [--beam_size=4] [--step=N]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
+  vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
+  vlm export --workdir=W --output=D [--step=N] [--dtype=bfloat16] [--format=safetensors|stablehlo]
+  vlm embed --workdir=W|--export=D [--name=NAME --split=S --data_dir=DIR | --manifest=M] --output=O
+  vlm retrieve --index=O --text="..." | --video=x.mp4 [--k=10]
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build")
+COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "convert", "export", "embed", "retrieve")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -30,7 +34,7 @@ flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string("input", None, "tokenizer train: text file, one caption per line.")
 flags.DEFINE_integer("vocab_size", None, "tokenizer train: vocabulary size.")
-flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model).")
+flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model); convert: the export folder.")
 flags.DEFINE_string("manifest", None, "data build: JSONL or CSV manifest of media paths and captions.")
 flags.DEFINE_string("data_dir", None, "data build: where datasets live (writes DATA_DIR/NAME/VERSION).")
 flags.DEFINE_string("name", None, "data build: the dataset's name (then --config.data.name=NAME).")
@@ -44,6 +48,21 @@ flags.DEFINE_bool("overwrite", False, "data build: replace an existing dataset o
 flags.DEFINE_bool("allow_outside", False, "data build: allow media paths outside the manifest's folder.")
 flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
+flags.DEFINE_string("from", None, "convert: a Hugging Face checkpoint folder (config.json + model.safetensors).")
+flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's model family.")
+flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions).")
+flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the stored parameters' dtype.")
+flags.DEFINE_enum("format", "safetensors", ["safetensors", "stablehlo"],
+                  "export: safetensors (model.safetensors, config.json, tokenizer.model, README.md), or that plus "
+                  "jax.export'ed embed_text/embed_video (stablehlo).")
+flags.DEFINE_string("export", None, "embed: an export folder (`vlm export`) instead of --workdir.")
+flags.DEFINE_string("split", None, "embed: the split to embed (default: the run's eval split; a manifest: all rows).")
+flags.DEFINE_integer("batch_size", None, "embed: global rows per step (default: the run's eval_batch_size).")
+flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`.")
+flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
+flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
+flags.DEFINE_integer("k", 10, "retrieve: how many results.")
 FLAGS = flags.FLAGS
 
 
@@ -70,7 +89,7 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
-        if command in ("train", "eval"):
+        if command in ("train", "eval", "embed"):
             from vlm import distributed
 
             distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -103,6 +122,18 @@ def main(argv: list[str]) -> None:
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
+        elif command == "convert":
+            _require("from", "kind", "output")
+            from vlm import convert
+
+            try:
+                path = convert.convert(FLAGS["from"].value, FLAGS.kind, FLAGS.output, num_frames=FLAGS.num_frames,
+                                       tubelet_frames=FLAGS.tubelet_frames)
+            except convert.ConvertError as e:
+                _fail(str(e))
+            print(f"wrote {path} (model.safetensors, config.json)", flush=True)
+        elif command in ("export", "embed", "retrieve"):
+            _downstream(command)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
@@ -153,6 +184,46 @@ def _data_build() -> None:
         _fail(str(e))
     print("\n".join(summary.lines()), flush=True)
     print(f"train on it with: --config.data.name={FLAGS.name} --config.data.data_dir={FLAGS.data_dir}", flush=True)
+
+
+def _downstream(command: str) -> None:
+    """`vlm export`, `vlm embed`, `vlm retrieve` (vlm/export.py, vlm/embed.py)."""
+    if command == "export":
+        _require("workdir", "output")
+        from vlm import export
+
+        try:
+            folder = export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
+                                   dtype=FLAGS.dtype, format=FLAGS.format)
+        except ValueError as e:
+            _fail(str(e))
+        print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}", flush=True)
+        return
+    from vlm import embed
+
+    if command == "embed":
+        if (FLAGS.workdir is None) == (FLAGS.export is None):
+            _fail("vlm embed needs exactly one of --workdir (a run) and --export (an export folder)")
+        _require("output")
+        try:
+            info = embed.embed(FLAGS.workdir or FLAGS.export, FLAGS.output, name=FLAGS.name, split=FLAGS.split,
+                               data_dir=FLAGS.data_dir, manifest=FLAGS.manifest, batch_size=FLAGS.batch_size)
+        except ValueError as e:
+            _fail(str(e))
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"wrote {info['count']} rows ({info['skipped']} skipped) of {info['source']} to {FLAGS.output}",
+                  flush=True)
+        return
+    _require("index")
+    try:
+        results = embed.retrieve(FLAGS.index, text=FLAGS.text, video=FLAGS.video, k=FLAGS.k,
+                                 model_path=FLAGS.workdir or FLAGS.export)
+    except ValueError as e:
+        _fail(str(e))
+    for r in results:
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['id']}  {r['caption']}", flush=True)
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:
