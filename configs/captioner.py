@@ -49,7 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.checkpoint = dict(keep=3, keep_period=0, async_save=True)
 
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1))
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []
 
     c.optim = dict(
@@ -69,6 +69,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.attention_impl = "xla"
     # The dual encoder's video tower (configs/dual_encoder.py:tiny sizes): parameter paths video/... match.
     c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
+    # The tower options of configs/dual_encoder.py (set them as the run you start from has them).
+    c.model.video.update(dict(pool="mean", pre_norm=False, norm_eps=1e-6, activation="gelu_tanh",
+                              rgb_mean=(0.485, 0.456, 0.406), rgb_std=(0.229, 0.224, 0.225)))
+    # With mesh.context > 1: none | ulysses | ring (joint video attention only; see configs/dual_encoder.py).
+    c.model.context_parallel = "none"
     # num_queries: 0 = cross-attend to every video token, Q > 0 = to Q attention-pooled ones.
     # unimodal_depth: CoCa's text-only layers below the cross-attending ones (0 without CoCa).
     c.model.decoder = dict(vocab_size=128, **captioner.VARIANTS["tiny"], unimodal_depth=0, num_queries=0,
@@ -135,7 +140,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.dtype = "bfloat16"
         c.model.remat = "full"
         c.model.embed_dim = 512 if size == "B" else 768
-        c.model.video = dict(attention="divided", tubelet=(2, patch, patch), **video_encoder.VARIANTS[size])
+        c.model.video.update(dict(attention="divided", tubelet=(2, patch, patch), **video_encoder.VARIANTS[size]))
         c.model.decoder.update(dict(vocab_size=32_000, **captioner.VARIANTS[size]))
         c.data.num_frames = 16
         c.data.resolution = 224

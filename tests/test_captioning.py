@@ -30,7 +30,7 @@ def small_captioner(coca: bool = False, **mesh):
     c.batch_size, c.eval_batch_size, c.total_steps = 16, 16, 3
     c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1
     c.optim.warmup_steps = 0
-    c.model.video.update(dict(de.model.video))
+    c.model.video.update({k: v for k, v in de.model.video.items() if k != "projection"})  # (no projection)
     c.model.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
     c.model.embed_dim = 16
     c.data.update(dict(num_frames=de.data.num_frames, resolution=de.data.resolution,
