@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm import sharding
+from vlm.errors import ConfigError
 from vlm.nn.attention import CONTEXT_PARALLEL_KINDS, CrossAttention, SelfAttention
 from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD, LearnedPositions, TubeletEmbed
 from vlm.nn.linear import LayerNorm
@@ -25,6 +26,8 @@ from vlm.nn.mlp import Mlp
 from vlm.nn.transformer import Encoder
 
 POOLS = ("mean", "cls", "map")
+# Optional `config.model.video` keys passed through to VideoEncoder (absent: its defaults).
+VIDEO_OPTIONS = ("pool", "pre_norm", "norm_eps", "activation", "rgb_mean", "rgb_std")
 
 # ViT sizes (width, depth, heads, mlp): "B" with patch 16 is ViT-B/16.
 VARIANTS: Mapping[str, dict] = {
@@ -143,3 +146,38 @@ class VideoEncoder(nnx.Module):
         if self.pool == "map":
             return self.head(x).astype(jnp.float32)
         return x.astype(jnp.float32).mean(1)
+
+
+def check_config(config) -> None:
+    """One-line ConfigErrors for the video tower's keys of a run config (before anything compiles)."""
+    t, p, q = config.model.video.tubelet
+    if config.data.resolution % p or config.data.resolution % q:
+        raise ConfigError(
+            f"config.data.resolution={config.data.resolution} is not divisible by the patch size {p}x{q} "
+            f"(config.model.video.tubelet); pick a multiple of {p}"
+        )
+    if config.model.video.attention not in ("joint", "divided"):
+        raise ConfigError(f"config.model.video.attention={config.model.video.attention!r} is unknown; use joint or divided")
+
+
+def from_config(config, rngs: nnx.Rngs) -> VideoEncoder:
+    """The video tower of a run config: `model.video` sizes, `data` frames and resolution, and the
+    model's dtype, remat and attention kernel. Every task with a video tower builds it here, so its
+    parameters (`video/...`) are the same in every family and one run's tower loads into another."""
+    m, d = config.model, config.data
+    return VideoEncoder(
+        num_frames=d.num_frames,
+        resolution=d.resolution,
+        tubelet=tuple(m.video.tubelet),
+        width=m.video.width,
+        depth=m.video.depth,
+        num_heads=m.video.num_heads,
+        mlp_dim=m.video.mlp_dim,
+        attention=m.video.attention,
+        remat=m.remat,
+        dtype=jnp.dtype(m.dtype),
+        attention_impl=m.attention_impl,
+        context_parallel=m.get("context_parallel", "none"),
+        **{k: tuple(m.video[k]) if k.startswith("rgb_") else m.video[k] for k in VIDEO_OPTIONS if k in m.video},
+        rngs=rngs,
+    )
