@@ -237,6 +237,13 @@ def test_export_fits_a_run_built_from_its_config(kind, exports):
     run = {"/".join(map(str, k)): v.shape for k, v in traverse_util.flatten_dict(setup.abstract_state["params"]).items()}
     export = {"/".join(map(str, k)): v.shape for k, v in traverse_util.flatten_dict(params).items()}
     assert run == export and len(run) == {"clip": 81, "siglip": 93}[kind]
+    # ... and init_from plans exactly that from the export folder: every tensor loads, none keeps its init.
+    from vlm import init_from
+
+    with config.unlocked():
+        config.init_from.workdir = str(exports[kind][0])
+    plan = init_from.plan(config.init_from, setup.abstract_state["params"])
+    assert len(plan.renames) == len(run) and plan.kept_init == [] and plan.left_out == []
 
 
 def test_load_export_names_a_tensor_the_model_lacks(exports, tmp_path):

@@ -21,7 +21,6 @@ DIR is used exactly once: a missing or unexpected tensor is an error naming it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -339,34 +338,24 @@ def convert(source: str | Path, kind: str, output: str | Path, *, num_frames: in
     config = _vlm_config(values, _normalisation(source, *DEFAULT_NORMALISATION[kind]), num_frames)
     flat = {k: np.array(v, np.float32, order="C") for k, v in _flat(params).items()}
     _check_against_model(flat, config, f"converting {source}")
-    write_export(output, flat, config, source=f"{kind}:{source.resolve()}",
+    tokenizer = next((str(source / n) for n in ("tokenizer.json", "spiece.model") if (source / n).exists()), None)
+    write_export(output, flat, config, source=f"{kind}:{source.resolve()}", tokenizer=tokenizer,
                  readme=f"Converted from the Hugging Face {kind} checkpoint {source.resolve()} by `vlm convert`.\n")
-    if (source / "tokenizer.json").exists():
-        shutil.copyfile(source / "tokenizer.json", output / "tokenizer.json")
-    if (source / "spiece.model").exists():
-        shutil.copyfile(source / "spiece.model", output / "tokenizer.model")
     return output
 
 
 def write_export(output: str | Path, flat_params: dict[str, np.ndarray], config, *, source: str = "",
-                 readme: str = "") -> None:
-    """An export folder: model.safetensors ("/"-joined parameter paths → float32, with header metadata
-    format="vlm", format_version="1", weights="converted", source, dtype, step), config.json, README.md."""
-    from safetensors.numpy import save_file
+                 tokenizer: str | None = None, readme: str = "") -> None:
+    """The export folder of `vlm/export.py` (model.safetensors with format="vlm" header metadata,
+    weights="converted"; config.json; the tokenizer; README.md), float32 parameters."""
+    from vlm import export
 
-    from vlm import config as config_lib
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "vlm", "format_version": "1", "weights": "converted", "source": source, "dtype": "float32",
-                "step": "0"}
-    save_file({k: np.array(v, np.float32, order="C") for k, v in sorted(flat_params.items())},
-              str(output / "model.safetensors"), metadata=metadata)
-    (output / "config.json").write_text(config_lib.to_json(config))
-    (output / "README.md").write_text(
-        "# vlm export\n\n" + readme + "\n`model.safetensors`: float32 parameters keyed by their `/`-joined paths; "
-        "`config.json`: the config that builds the model (a dual encoder: `vlm train --config=...` keys).\n\n"
-        "    from vlm import convert\n    params, config = convert.load_export(\"" + str(output) + "\")\n")
+    flat = {k: np.array(v, np.float32, order="C") for k, v in flat_params.items()}
+    readme = ("# vlm export\n\n" + readme + "\n`model.safetensors`: float32 parameters keyed by their `/`-joined "
+              "paths; `config.json`: the config that builds the model.\n\n"
+              "    import vlm\n    loaded = vlm.load(\"" + str(output) + "\")\n")
+    export.write(str(output), flat, config, tokenizer=tokenizer, readme=readme,
+                 metadata={"weights": "converted", "source": source, "dtype": "float32", "step": "0"})
 
 
 def load_export(path: str | Path):

@@ -141,7 +141,7 @@ def read_params(path: str, abstract_params, shardings):
     return traverse_util.unflatten_dict({k: arrays["/".join(str(p) for p in k)] for k in keys})
 
 
-def write(output: str, params: dict[str, np.ndarray], config, *, tokenizer: str, metadata: dict[str, str],
+def write(output: str, params: dict[str, np.ndarray], config, *, tokenizer: str | None, metadata: dict[str, str],
           readme: str = "") -> epath.Path:
     """Writes an export folder: model.safetensors (the flat `params` as they are, with `metadata`
     added to format/format_version/vlm_version), config.json (`config` with data.tokenizer=""),
@@ -153,17 +153,19 @@ def write(output: str, params: dict[str, np.ndarray], config, *, tokenizer: str,
 
     folder = epath.Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer_bytes = epath.Path(tokenizer).read_bytes()
-    name = "tokenizer.json" if os.fspath(tokenizer).endswith(".json") else run_tokenizer.TOKENIZER_FILE
+    tokenizer_bytes = epath.Path(tokenizer).read_bytes() if tokenizer else b""
+    name = "tokenizer.json" if os.fspath(tokenizer or "").endswith(".json") else run_tokenizer.TOKENIZER_FILE
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.data.tokenizer = ""
-        config.data[run_tokenizer.SHA_KEY] = run_tokenizer.sha256(tokenizer_bytes) if name.endswith(".model") else ""
+        config.data[run_tokenizer.SHA_KEY] = run_tokenizer.sha256(tokenizer_bytes) if tokenizer and name.endswith(
+            ".model") else ""
     header = {"format": "vlm", "format_version": FORMAT_VERSION, "vlm_version": vlm_version(),
               **{k: str(v) for k, v in metadata.items()}}
     tensors = {k: np.array(v, order="C") for k, v in sorted(params.items())}  # (ascontiguousarray makes 0-d 1-d)
     _write_bytes(folder / WEIGHTS, save(tensors, metadata=header))
-    _write_bytes(folder / name, tokenizer_bytes)
+    if tokenizer:  # (a converted checkpoint may come without one)
+        _write_bytes(folder / name, tokenizer_bytes)
     (folder / CONFIG).write_text(config_lib.to_json(config))
     if readme:
         (folder / README).write_text(readme)

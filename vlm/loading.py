@@ -32,12 +32,12 @@ from flax import nnx
 
 from vlm import config as config_lib
 from vlm import run_tokenizer, sharding, tasks
+from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD
 
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_DEFAULT_BATCH = 64  # rows per call when the run's eval batch is larger (one device's memory)
 EXPORT_WEIGHTS = "model.safetensors"
 # vlm/nn/embeddings.py's constants, for configs without model.video.rgb_mean / rgb_std.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass
@@ -152,13 +152,14 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 def inference_config(config, *, mesh: dict | None = None, dtype: str | None = None):
     """`config` with the mesh for loading (default: data parallel) and the compute dtype override."""
     config = config.copy_and_resolve_references()
-    sizes = dict(data=-1, fsdp=1, tensor=1)
+    sizes = dict(data=-1, fsdp=1, context=1, tensor=1)
     sizes.update(mesh or {})
     unknown = sorted(set(sizes) - set(sharding.MESH_AXES))
     if unknown:
         raise ValueError(f"mesh={mesh}: unknown axes {unknown}; use {', '.join(sharding.MESH_AXES)}")
-    config.mesh.update(sizes)
-    config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
+    with config.unlocked():  # (configs saved before the context axis lack it)
+        config.mesh.update(sizes)
+        config.mesh.dcn.update(dict(data=1, fsdp=1, context=1, tensor=1))
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")

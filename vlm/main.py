@@ -2,6 +2,7 @@
 
   vlm train --config=configs/dual_encoder.py:tiny --workdir=W [--config.key=value ...]
   vlm eval --workdir=W [--step=N] [--evals=name,...] [--use_ema=false]
+  vlm caption --workdir=W a.mp4 [b.mp4 ...] [--decode=greedy|beam|sample] [--beam_size=4] [--step=N]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
   vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
@@ -19,14 +20,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train", "data build", "convert", "export", "embed", "retrieve", "reconstruct",
-            "data encode")
+COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "data encode", "convert", "export", "embed",
+            "retrieve", "reconstruct")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
 flags.DEFINE_integer("step", None, "eval: which checkpoint step (default: latest).")
 flags.DEFINE_string("evals", None, "eval: comma-separated evaluator names from config.evals (default: all).")
 flags.DEFINE_bool("use_ema", None, "eval: use the EMA weights when the run keeps them (default: true).")
+flags.DEFINE_enum("decode", None, ["greedy", "beam", "sample"],
+                  "caption: decoding method (default: beam with --beam_size, else the run's captions evaluator's).")
+flags.DEFINE_integer("beam_size", None, "caption: beam width (implies --decode=beam unless --decode says otherwise).")
 flags.DEFINE_integer("exit_after_step", None, "train: checkpoint and exit after this step (a preemption drill).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (else auto: env, SLURM, TPU).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -119,6 +123,16 @@ def main(argv: list[str]) -> None:
 
             metrics = train.evaluate(FLAGS.workdir, step=FLAGS.step, evals=FLAGS.evals, use_ema=FLAGS.use_ema)
             print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        elif command == "caption":
+            _require("workdir")
+            from vlm.tasks import captioning
+
+            try:
+                captions = captioning.caption_files(FLAGS.workdir, argv[2:], decode=FLAGS.decode,
+                                                    beam_size=FLAGS.beam_size, step=FLAGS.step, use_ema=FLAGS.use_ema)
+            except ValueError as e:  # a file that does not decode, no files: one line
+                _fail(str(e))
+            print("\n".join(f"{path}\t{caption}" for path, caption in captions), flush=True)
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
