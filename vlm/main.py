@@ -9,6 +9,8 @@
   vlm export --workdir=W --output=D [--step=N] [--dtype=bfloat16] [--format=safetensors|stablehlo]
   vlm embed --workdir=W|--export=D [--name=NAME --split=S --data_dir=DIR | --manifest=M] --output=O
   vlm retrieve --index=O --text="..." | --video=x.mp4 [--k=10]
+  vlm reconstruct --workdir=W in.mp4 --out=out.mp4 [--num_frames=N --resolution=R]
+  vlm data encode --vae_workdir=W --out_name=NAME_latents [--config=DATA_CONFIG | --dataset=NAME] [--max_examples=N]
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "convert", "export", "embed", "retrieve")
+COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "data encode", "convert", "export", "embed",
+            "retrieve", "reconstruct")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -63,6 +66,17 @@ flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`
 flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
 flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
 flags.DEFINE_integer("k", 10, "retrieve: how many results.")
+flags.DEFINE_string("out", None, "reconstruct: the output video (.mp4, or .gif).")
+flags.DEFINE_integer("resolution", 0, "reconstruct: shorter side resized to this and a centre square crop (0 = native).")
+flags.DEFINE_string("vae_workdir", None, "data encode: the video autoencoder run (configs/video_vae.py) that encodes.")
+flags.DEFINE_string("dataset", None, "data encode: the source dataset's name (else --config's data, else the VAE run's).")
+flags.DEFINE_string("out_name", None, "data encode: the latent dataset's name (then --config.data.name=NAME).")
+flags.DEFINE_string("splits", None, "data encode: comma-separated splits (default: the train and eval splits).")
+flags.DEFINE_integer("max_examples", 0, "data encode: at most this many clips per split (0 = all).")
+flags.DEFINE_enum("latents", "posterior", ["posterior", "sample"],
+                  "data encode: store the posterior (mean and std) or one sample z = mean + std * eps per clip.")
+flags.DEFINE_integer("chunk_size", 256, "data encode: clips per work chunk (the unit of resuming and sharding).")
+flags.DEFINE_integer("seed", 0, "data encode: seed of the samples (--latents=sample).")
 FLAGS = flags.FLAGS
 
 
@@ -89,7 +103,7 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
-        if command in ("train", "eval", "embed"):
+        if command in ("train", "eval", "embed", "data encode"):
             from vlm import distributed
 
             distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -134,6 +148,8 @@ def main(argv: list[str]) -> None:
             print(f"wrote {path} (model.safetensors, config.json)", flush=True)
         elif command in ("export", "embed", "retrieve"):
             _downstream(command)
+        elif command in ("reconstruct", "data encode"):
+            _autoencoder(command, argv)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
@@ -224,6 +240,51 @@ def _downstream(command: str) -> None:
         _fail(str(e))
     for r in results:
         print(f"{r['rank']:>3}  {r['score']:.4f}  {r['id']}  {r['caption']}", flush=True)
+
+
+def _autoencoder(command: str, argv: list[str]) -> None:
+    """`vlm reconstruct` and `vlm data encode` (vlm/tasks/autoencoding.py)."""
+    from vlm.tasks import autoencoding
+
+    if command == "reconstruct":
+        _require("workdir", "out")
+        if len(argv) != 3:
+            _fail("vlm reconstruct takes one input video: vlm reconstruct --workdir=W in.mp4 --out=out.mp4")
+        num_frames = FLAGS.num_frames if FLAGS["num_frames"].present else 0
+        try:
+            r = autoencoding.reconstruct_file(FLAGS.workdir, argv[2], FLAGS.out, num_frames=num_frames,
+                                              resolution=FLAGS.resolution)
+        except ValueError as e:
+            _fail(str(e))
+        print(f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['frames']} frames of {r['height']}x{r['width']}, "
+              f"step {r['step']}); wrote {r['out']}", flush=True)
+        return
+    _require("vae_workdir", "out_name")
+    from vlm import train
+
+    if FLAGS["config"].present:
+        data_config = FLAGS.config.data
+    else:
+        data_config = train.load_config(FLAGS.vae_workdir).data
+    with data_config.unlocked():
+        if FLAGS.dataset:
+            data_config.name = FLAGS.dataset
+        if FLAGS.data_dir and FLAGS.dataset:
+            data_config.data_dir = FLAGS.data_dir
+    try:
+        info = autoencoding.encode_dataset(
+            FLAGS.vae_workdir, data_config, FLAGS.out_name, data_dir=FLAGS.data_dir or "",
+            splits=[s for s in (FLAGS.splits or "").split(",") if s], max_examples=FLAGS.max_examples,
+            stored=FLAGS.latents, chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size or 0, seed=FLAGS.seed,
+            step=FLAGS.step, overwrite=FLAGS.overwrite)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    if info is not None:
+        splits = ", ".join(f"{s} {n}" for s, n in info["splits"].items())
+        print(f"wrote latent dataset {FLAGS.out_name} ({splits} clips, latents {info['shape']}, {info['stored']}; "
+              f"VAE step {info['vae_step']}, hash {info['vae_hash'][:12]})", flush=True)
+        print(f"train on it with: --config.data.name={FLAGS.out_name}"
+              + (f" --config.data.data_dir={FLAGS.data_dir}" if FLAGS.data_dir else ""), flush=True)
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:

@@ -54,6 +54,7 @@ class Task(Protocol):
 REGISTRY = {
     "contrastive": "vlm.tasks.contrastive",
     "captioning": "vlm.tasks.captioning",
+    "autoencoding": "vlm.tasks.autoencoding",
 }
 
 
