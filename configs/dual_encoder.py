@@ -33,7 +33,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # Axis sizes within a slice (-1 fills the remaining devices), and `dcn`: how many slices
     # (TPU multislice) or nodes (GPU clusters) each axis spans; usually dcn.data = #slices.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1))
+    # context: splits long token sequences (activations) over devices: see model.context_parallel.
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []  # [[logical, mesh axis or [axes] or None], ...]; [] = defaults in vlm/sharding.py
 
     c.optim = dict(
@@ -53,6 +54,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     c.model.remat = "none"  # none | full | dots | dots_no_batch (vlm/nn/transformer.py)
     c.model.attention_impl = "xla"  # xla | cudnn (fused flash attention; NVIDIA GPUs, bfloat16)
+    # With mesh.context > 1, joint video attention over the context-split sequence: none (XLA's partitioner
+    # gathers keys/values) | ulysses (all-to-all over heads) | ring (keys/values rotate; any head count).
+    c.model.context_parallel = "none"
     c.model.embed_dim = 128
     c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)

@@ -152,13 +152,14 @@ def read_config(path: str) -> ml_collections.ConfigDict:
 def inference_config(config, *, mesh: dict | None = None, dtype: str | None = None):
     """`config` with the mesh for loading (default: data parallel) and the compute dtype override."""
     config = config.copy_and_resolve_references()
-    sizes = dict(data=-1, fsdp=1, tensor=1)
+    sizes = dict(data=-1, fsdp=1, context=1, tensor=1)
     sizes.update(mesh or {})
     unknown = sorted(set(sizes) - set(sharding.MESH_AXES))
     if unknown:
         raise ValueError(f"mesh={mesh}: unknown axes {unknown}; use {', '.join(sharding.MESH_AXES)}")
-    config.mesh.update(sizes)
-    config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
+    with config.unlocked():  # (configs saved before the context axis lack it)
+        config.mesh.update(sizes)
+        config.mesh.dcn.update(dict(data=1, fsdp=1, context=1, tensor=1))
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")

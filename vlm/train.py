@@ -309,8 +309,9 @@ def load_model(workdir: str, *, step: int | None = None, devices=None, use_ema: 
     """
     config = load_config(workdir)
     devices = list(devices or jax.devices()[:1])
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-    config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
+    with config.unlocked():  # (configs saved before the context axis lack it)
+        config.mesh.update(dict(data=-1, fsdp=1, context=1, tensor=1))
+        config.mesh.dcn.update(dict(data=1, fsdp=1, context=1, tensor=1))
     mesh = sharding.create_mesh(config.mesh, devices)
     _, model, step = restore_params(config, workdir, mesh, step=step, use_ema=use_ema)
     return model, config, step

@@ -17,13 +17,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm.nn.attention import CrossAttention
+from vlm import sharding
+from vlm.errors import ConfigError
+from vlm.nn.attention import CONTEXT_PARALLEL_KINDS, CrossAttention, SelfAttention
 from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD, LearnedPositions, TubeletEmbed
 from vlm.nn.linear import LayerNorm
 from vlm.nn.mlp import Mlp
 from vlm.nn.transformer import Encoder
 
 POOLS = ("mean", "cls", "map")
+# Optional `config.model.video` keys passed through to VideoEncoder (absent: its defaults).
+VIDEO_OPTIONS = ("pool", "pre_norm", "norm_eps", "activation", "rgb_mean", "rgb_std")
 
 # ViT sizes (width, depth, heads, mlp): "B" with patch 16 is ViT-B/16.
 VARIANTS: Mapping[str, dict] = {
@@ -76,12 +80,18 @@ class VideoEncoder(nnx.Module):
         activation: str = "gelu_tanh",
         rgb_mean: Sequence[float] = IMAGENET_MEAN,
         rgb_std: Sequence[float] = IMAGENET_STD,
+        context_parallel: str = "none",
         rngs: nnx.Rngs,
     ):
         if attention not in ("joint", "divided"):
             raise ValueError(f"unknown video attention {attention!r}; choose 'joint' or 'divided'")
         if pool not in POOLS:
             raise ValueError(f"unknown video pooling {pool!r}; choose one of {', '.join(POOLS)}")
+        if context_parallel not in CONTEXT_PARALLEL_KINDS:
+            raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of {', '.join(CONTEXT_PARALLEL_KINDS)}")
+        if context_parallel != "none" and attention != "joint":
+            raise ValueError(f"context_parallel={context_parallel!r} needs attention='joint'; divided attention's "
+                             f"short sequences are partitioned by XLA (use context_parallel='none')")
         t, p, q = tubelet
         self.attention = attention
         self.pool = pool
@@ -96,6 +106,12 @@ class VideoEncoder(nnx.Module):
                                attention_impl=attention_impl, norm_eps=norm_eps, activation=activation, rngs=rngs)
         self.head = MapHead(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, norm_eps=norm_eps,
                             activation=activation, rngs=rngs) if pool == "map" else None
+        # Joint attention over all T'*S tokens, split over the context axis. (Set on the encoder's attention
+        # layers here until Encoder takes the option itself.)
+        if context_parallel != "none":
+            for _, module in nnx.iter_modules(self.encoder):
+                if isinstance(module, SelfAttention):
+                    module.context_parallel = context_parallel
         self.width = width
 
     def frames(self, video: jax.Array) -> jax.Array:
@@ -112,7 +128,9 @@ class VideoEncoder(nnx.Module):
             x = self.pre_norm(x)
         if self.attention == "divided":
             return self.encoder(x, logical_axes=("batch", "frames", "tokens", "embed"))
-        return self.encoder(x.reshape(b, t * s, d)).reshape(b, t, s, d)
+        # [B, T'*S, D], split over the context axis from the first block on
+        x = sharding.constrain(x.reshape(b, t * s, d), ("batch", "tokens", "embed"))
+        return self.encoder(x).reshape(b, t, s, d)
 
     def __call__(self, video: jax.Array) -> jax.Array:
         """video uint8 [B, T, H, W, 3] → tokens [B, T'*S, D] (T'*(S+1) with class tokens)."""
@@ -128,3 +146,38 @@ class VideoEncoder(nnx.Module):
         if self.pool == "map":
             return self.head(x).astype(jnp.float32)
         return x.astype(jnp.float32).mean(1)
+
+
+def check_config(config) -> None:
+    """One-line ConfigErrors for the video tower's keys of a run config (before anything compiles)."""
+    t, p, q = config.model.video.tubelet
+    if config.data.resolution % p or config.data.resolution % q:
+        raise ConfigError(
+            f"config.data.resolution={config.data.resolution} is not divisible by the patch size {p}x{q} "
+            f"(config.model.video.tubelet); pick a multiple of {p}"
+        )
+    if config.model.video.attention not in ("joint", "divided"):
+        raise ConfigError(f"config.model.video.attention={config.model.video.attention!r} is unknown; use joint or divided")
+
+
+def from_config(config, rngs: nnx.Rngs) -> VideoEncoder:
+    """The video tower of a run config: `model.video` sizes, `data` frames and resolution, and the
+    model's dtype, remat and attention kernel. Every task with a video tower builds it here, so its
+    parameters (`video/...`) are the same in every family and one run's tower loads into another."""
+    m, d = config.model, config.data
+    return VideoEncoder(
+        num_frames=d.num_frames,
+        resolution=d.resolution,
+        tubelet=tuple(m.video.tubelet),
+        width=m.video.width,
+        depth=m.video.depth,
+        num_heads=m.video.num_heads,
+        mlp_dim=m.video.mlp_dim,
+        attention=m.video.attention,
+        remat=m.remat,
+        dtype=jnp.dtype(m.dtype),
+        attention_impl=m.attention_impl,
+        context_parallel=m.get("context_parallel", "none"),
+        **{k: tuple(m.video[k]) if k.startswith("rgb_") else m.video[k] for k in VIDEO_OPTIONS if k in m.video},
+        rngs=rngs,
+    )

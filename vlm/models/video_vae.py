@@ -38,11 +38,11 @@ VARIANTS: Mapping[str, dict] = {
     # CPU-sized (1.9M parameters, ~0.5 s per batch-8 train step of 9x32x32 clips on 2 cores): narrow at full
     # resolution, wide at 4x4; time halved at the first two stages (cheaper than Wan's late ones); z=16.
     "tiny": dict(base_channels=8, channel_multipliers=(1, 2, 4, 8), num_res_blocks=1, latent_channels=16,
-                 temporal_downsample=(True, True, False), mid_attention=False, resample_shortcut=True),
+                 temporal_downsample=(True, True, False), mid_attention=False, resample_shortcut=True, patch_size=1),
     # Wan 2.1 VAE-like (base 96, z 16, multipliers (1, 2, 4, 4), 2 res blocks, time halved at the last two
     # stages, mid attention, no resampling shortcuts).
     "wan": dict(base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16,
-                temporal_downsample=(False, True, True), mid_attention=True, resample_shortcut=False),
+                temporal_downsample=(False, True, True), mid_attention=True, resample_shortcut=False, patch_size=1),
 }
 
 
@@ -208,6 +208,37 @@ class Head(nnx.Module):
         return self.conv(jax.nn.silu(self.norm(x)), cache)
 
 
+class SpaceToDepth(nnx.Module):
+    """Patchify stem (DC-AE, Wan 2.2): each p x p block of pixels into channels, [B, T, H, W, C] → [B, T, H/p, W/p, p²C].
+
+    Parameter-free and frame-local, so the convolutions after it run at 1/p² of the pixels: the cheap
+    way to spend compute where the content is (on CPU, wide convs at low resolution are also faster
+    per FLOP than narrow ones at full resolution).
+    """
+
+    def __init__(self, patch: int):
+        self.patch = patch
+
+    def __call__(self, x: jax.Array, cache=None, first: bool = True):
+        b, t, h, w, c = x.shape
+        p = self.patch
+        x = x.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, h // p, w // p, p * p * c), None
+
+
+class DepthToSpace(nnx.Module):
+    """The inverse of SpaceToDepth: [B, T, h, w, p²C] → [B, T, hp, wp, C] (the decoder's unpatchify)."""
+
+    def __init__(self, patch: int):
+        self.patch = patch
+
+    def __call__(self, x: jax.Array, cache=None, first: bool = True):
+        b, t, h, w, pc = x.shape
+        p = self.patch
+        x = x.reshape(b, t, h, w, p, p, pc // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, t, h * p, w * p, pc // (p * p)), None
+
+
 class _CachedConv(nnx.Module):
     """A CausalConv3d with the (x, cache, first) calling convention of the other layers."""
 
@@ -242,9 +273,11 @@ class VideoEncoder3d(_LayerStack):
 
     def __init__(self, *, base_channels: int, channel_multipliers: Sequence[int], num_res_blocks: int,
                  latent_channels: int, temporal_downsample: Sequence[bool], mid_attention: bool,
-                 resample_shortcut: bool, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
         dims = [base_channels * m for m in channel_multipliers]
-        layers = [_CachedConv(CausalConv3d(3, dims[0], (3, 3, 3), axes=(None, "conv_out"), dtype=dtype, rngs=rngs))]
+        layers = [SpaceToDepth(patch_size)] if patch_size > 1 else []
+        layers.append(_CachedConv(CausalConv3d(3 * patch_size**2, dims[0], (3, 3, 3), axes=(None, "conv_out"),
+                                               dtype=dtype, rngs=rngs)))
         for level, dim in enumerate(dims):
             layers += [ResBlock(dim, dim, dtype=dtype, rngs=rngs) for _ in range(num_res_blocks)]
             if level < len(dims) - 1:
@@ -268,7 +301,7 @@ class VideoDecoder3d(_LayerStack):
 
     def __init__(self, *, base_channels: int, channel_multipliers: Sequence[int], num_res_blocks: int,
                  latent_channels: int, temporal_downsample: Sequence[bool], mid_attention: bool,
-                 resample_shortcut: bool, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
         dims = [base_channels * m for m in channel_multipliers]
         top = dims[-1]
         # 1x1x1 conv on the latents (Wan's conv2 / SD's post_quant_conv), then into the top width.
@@ -283,7 +316,9 @@ class VideoDecoder3d(_LayerStack):
             if level > 0:  # mirrors the encoder's downsampling after level - 1
                 layers.append(Upsample(dims[level], dims[level - 1], temporal_downsample[level - 1], resample_shortcut,
                                        dtype=dtype, rngs=rngs))
-        layers.append(Head(dims[0], 3, None, dtype=dtype, rngs=rngs))
+        layers.append(Head(dims[0], 3 * patch_size**2, None, dtype=dtype, rngs=rngs))
+        if patch_size > 1:
+            layers.append(DepthToSpace(patch_size))
         self.layers = nnx.List(layers)
         self.remat = remat
 
@@ -348,6 +383,7 @@ class VideoVAE(nnx.Module):
         temporal_downsample: Sequence[bool] = (True, True, False),
         mid_attention: bool = False,
         resample_shortcut: bool = True,
+        patch_size: int = 1,
         remat: str = "none",
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -359,18 +395,20 @@ class VideoVAE(nnx.Module):
                 f"temporal_downsample has {len(temporal_downsample)} entries but there are "
                 f"{len(channel_multipliers) - 1} downsampling stages (len(channel_multipliers) - 1); give one per stage"
             )
+        if patch_size < 1:
+            raise ValueError(f"patch_size={patch_size} must be ≥ 1 (1 = no patchify stem)")
         if latent_channels < 1 or base_channels < 1 or num_res_blocks < 0:
             raise ValueError(f"latent_channels={latent_channels}, base_channels={base_channels} must be ≥ 1 and "
                              f"num_res_blocks={num_res_blocks} ≥ 0")
         kw = dict(base_channels=base_channels, channel_multipliers=tuple(channel_multipliers),
                   num_res_blocks=num_res_blocks, latent_channels=latent_channels,
                   temporal_downsample=temporal_downsample, mid_attention=mid_attention,
-                  resample_shortcut=resample_shortcut, remat=remat, dtype=dtype,
+                  resample_shortcut=resample_shortcut, patch_size=patch_size, remat=remat, dtype=dtype,
                   rngs=rngs)
         self.encoder = VideoEncoder3d(**kw)
         self.decoder = VideoDecoder3d(**kw)
         self.latent_channels = latent_channels
-        self.spatial_compression = 2 ** (len(channel_multipliers) - 1)
+        self.spatial_compression = patch_size * 2 ** (len(channel_multipliers) - 1)
         self.temporal_compression = 2 ** sum(temporal_downsample)
         self.dtype = dtype
 

@@ -22,14 +22,13 @@ from vlm.eval import retrieval
 from vlm.models import text_encoder, video_encoder
 from vlm.models.dual_encoder import PROJECTIONS, DualEncoder
 from vlm.models.text_encoder import TextEncoder
-from vlm.models.video_encoder import VideoEncoder
+from vlm.models.video_encoder import VIDEO_OPTIONS
 from vlm.nn.mlp import ACTIVATIONS
 
 LOSSES = ("softmax", "sigmoid")
 
 # Tower options passed from config.model.video / config.model.text when present (a config.json
 # written before they existed builds the model with the constructors' defaults: vlm's own model).
-VIDEO_OPTIONS = ("pool", "pre_norm", "norm_eps", "activation", "rgb_mean", "rgb_std")
 TEXT_OPTIONS = ("pool", "causal", "norm_eps", "activation")
 
 
@@ -89,14 +88,7 @@ class Task:
                 f"config.data.vocab_size={c.data.vocab_size} differs from config.model.text.vocab_size="
                 f"{c.model.text.vocab_size}; set both to the tokenizer's vocabulary size"
             )
-        t, p, q = c.model.video.tubelet
-        if c.data.resolution % p or c.data.resolution % q:
-            raise ConfigError(
-                f"config.data.resolution={c.data.resolution} is not divisible by the patch size {p}x{q} "
-                f"(config.model.video.tubelet); pick a multiple of {p}"
-            )
-        if c.model.video.attention not in ("joint", "divided"):
-            raise ConfigError(f"config.model.video.attention={c.model.video.attention!r} is unknown; use joint or divided")
+        video_encoder.check_config(c)
         choices = {"pool": {"video": video_encoder.POOLS, "text": text_encoder.POOLS},
                    "activation": {"video": tuple(ACTIVATIONS), "text": tuple(ACTIVATIONS)},
                    "projection": {"video": PROJECTIONS, "text": PROJECTIONS}}
@@ -121,21 +113,7 @@ class Task:
     def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
         m, d = self.config.model, self.config.data
         dtype = jnp.dtype(m.dtype)
-        video = VideoEncoder(
-            num_frames=d.num_frames,
-            resolution=d.resolution,
-            tubelet=tuple(m.video.tubelet),
-            width=m.video.width,
-            depth=m.video.depth,
-            num_heads=m.video.num_heads,
-            mlp_dim=m.video.mlp_dim,
-            attention=m.video.attention,
-            remat=m.remat,
-            dtype=dtype,
-            attention_impl=m.attention_impl,
-            **_options(m.video, VIDEO_OPTIONS),
-            rngs=rngs,
-        )
+        video = video_encoder.from_config(self.config, rngs)
         text = build_text_tower(m, d.max_text_len, rngs)
         projections = {f"{tower}_projection": m[tower].projection for tower in ("video", "text")
                        if "projection" in m[tower]}
