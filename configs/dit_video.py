@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.checkpoint_every = 1000
     c.checkpoint = dict(keep=3, keep_period=0, async_save=True)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1))
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []
 
     c.optim = dict(
@@ -63,10 +63,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat = "none"
     c.model.attention_impl = "xla"
+    # With mesh.context > 1: the DiT's full attention over the context-split token sequence: none (XLA
+    # gathers keys/values) | ulysses (all-to-all over heads) | ring (keys/values rotate; any head count).
+    c.model.context_parallel = "none"
     c.model.vae_workdir = ""  # the VAE run that made the latent cache: decodes samples in evaluation and `vlm sample`
     # in_channels 0 = the latent cache's channel count.
     c.model.dit = dict(in_channels=0, patch=(1, 2, 2), attention="full", freq_dim=256, rope_theta=10000.0,
-                       qk_norm=True, **dit.VARIANTS["tiny"])
+                       qk_norm=True, scan_layers=False, **dit.VARIANTS["tiny"])
+    # scan_layers: one compiled block scanned over depth (compile time flat in depth; benchmarks/compile_time.py)
     # The text tower: the same keys and values as the dual-encoder run it comes from (configs/dual_encoder.py).
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512, pool="mean", causal=False,
                         norm_eps=1e-6, activation="gelu_tanh", projection="linear")
@@ -102,7 +106,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.evals = dict(
         fm_loss=dict(type="fm_loss", every=0, num_batches=2),
-        generation=dict(type="generation", every=1_000_000, scorer_workdir="", num_prompts=64, seed=0),
+        generation=dict(type="generation", every=1000, scorer_workdir="", num_prompts=64, seed=0),
     )
 
     if arg in ("B", "1.3B"):
@@ -117,6 +121,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.ema.decay = 0.9999
         c.model.dtype = "bfloat16"
         c.model.remat = "full"
+        c.model.dit.scan_layers = True
         c.model.dit.update(dit.VARIANTS[arg])
         c.model.text.update(dict(vocab_size=32_000, **text_encoder.VARIANTS["B"]))
         c.data.update(dict(vocab_size=32_000, max_text_len=32, num_frames=33, resolution=256, worker_count=8))

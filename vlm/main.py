@@ -57,10 +57,10 @@ flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's m
 flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions); "
                      "sample: frames to generate (1 + 4k; default: the latent cache's clips).")
 flags.DEFINE_string("prompt", None, "sample: the text to generate a video for.")
-flags.DEFINE_string("out", None, "sample: output .mp4 (a .gif is written beside it).")
+flags.DEFINE_string("out", None, "sample, reconstruct: the output video (.mp4; sample also writes a .gif beside it).")
 flags.DEFINE_integer("steps", 0, "sample: ODE steps (default: config.task.sample_steps).")
 flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (default: config.task.guidance).")
-flags.DEFINE_integer("seed", 0, "sample: noise seed.")
+flags.DEFINE_integer("seed", 0, "sample: noise seed; data encode: seed of the samples (--latents=sample).")
 flags.DEFINE_string("sampler", "", "sample: euler | heun (default: config.task.sampler).")
 flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the stored parameters' dtype.")
@@ -74,7 +74,6 @@ flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`
 flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
 flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
 flags.DEFINE_integer("k", 10, "retrieve: how many results.")
-flags.DEFINE_string("out", None, "reconstruct: the output video (.mp4, or .gif).")
 flags.DEFINE_integer("resolution", 0, "reconstruct: shorter side resized to this and a centre square crop (0 = native).")
 flags.DEFINE_string("vae_workdir", None, "data encode: the video autoencoder run (configs/video_vae.py) that encodes.")
 flags.DEFINE_string("dataset", None, "data encode: the source dataset's name (else --config's data, else the VAE run's).")
@@ -84,7 +83,6 @@ flags.DEFINE_integer("max_examples", 0, "data encode: at most this many clips pe
 flags.DEFINE_enum("latents", "posterior", ["posterior", "sample"],
                   "data encode: store the posterior (mean and std) or one sample z = mean + std * eps per clip.")
 flags.DEFINE_integer("chunk_size", 256, "data encode: clips per work chunk (the unit of resuming and sharding).")
-flags.DEFINE_integer("seed", 0, "data encode: seed of the samples (--latents=sample).")
 FLAGS = flags.FLAGS
 
 

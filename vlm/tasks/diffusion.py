@@ -36,7 +36,8 @@ from vlm.models.text_to_video import TextToVideo
 from vlm.tasks import contrastive
 
 FM_TIMES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DIT_KEYS = ("width", "depth", "num_heads", "mlp_dim", "patch", "attention", "freq_dim", "rope_theta", "qk_norm")
+DIT_KEYS = ("width", "depth", "num_heads", "mlp_dim", "patch", "attention", "freq_dim", "rope_theta", "qk_norm",
+            "scan_layers")
 
 
 class Task:
@@ -111,7 +112,7 @@ class Task:
         text = contrastive.build_text_tower(m, self.config.data.max_text_len, rngs)
         channels = int(m.dit.get("in_channels", 0) or self.latent_info["shape"][-1])
         dit = DiT(in_channels=channels, context_width=m.text.width, remat=m.remat, dtype=jnp.dtype(m.dtype),
-                  attention_impl=m.attention_impl, rngs=rngs,
+                  attention_impl=m.attention_impl, context_parallel=m.get("context_parallel", "none"), rngs=rngs,
                   **{k: (tuple(m.dit[k]) if k == "patch" else m.dit[k]) for k in DIT_KEYS if k in m.dit})
         return TextToVideo(text, dit)
 
