@@ -38,7 +38,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # Axis sizes within a slice (-1 fills the remaining devices), and `dcn`: how many slices
     # (TPU multislice) or nodes (GPU clusters) each axis spans; usually dcn.data = #slices.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1))
+    # context: splits long token sequences (activations) over devices: see model.context_parallel.
+    c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []  # [[logical, mesh axis or [axes] or None], ...]; [] = defaults in vlm/sharding.py
 
     c.optim = dict(
@@ -58,9 +59,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters and optimizer state stay float32
     c.model.remat = "none"  # none | full | dots | dots_no_batch (vlm/nn/transformer.py)
     c.model.attention_impl = "xla"  # xla | cudnn (fused flash attention; NVIDIA GPUs, bfloat16)
+    # With mesh.context > 1, joint video attention over the context-split sequence: none (XLA's partitioner
+    # gathers keys/values) | ulysses (all-to-all over heads) | ring (keys/values rotate; any head count).
+    c.model.context_parallel = "none"
     c.model.embed_dim = 128
     c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)
+    # Options public image-text checkpoints need (`vlm convert` sets them; the defaults are vlm's own model):
+    c.model.video.update(dict(
+        pool="mean",  # mean | cls (a class token per frame, CLIP) | map (attention-pooling head, SigLIP)
+        pre_norm=False,  # a LayerNorm before the blocks (CLIP's pre_layrnorm)
+        norm_eps=1e-6,  # LayerNorm epsilon (CLIP: 1e-5)
+        activation="gelu_tanh",  # gelu_tanh | gelu_exact | quick_gelu (OpenAI CLIP)
+        rgb_mean=(0.485, 0.456, 0.406),  # the model normalises uint8 video: (x/255 - mean) / std
+        rgb_std=(0.229, 0.224, 0.225),  # CLIP: (0.4815, 0.4578, 0.4082) / (0.2686, 0.2613, 0.2758); SigLIP: 0.5 / 0.5
+        projection="linear",  # linear (no bias) | linear_bias | none (then width must equal embed_dim)
+    ))
+    c.model.text.update(dict(
+        pool="mean",  # mean (of non-padding tokens) | eot (the highest token id, CLIP) | last (SigLIP)
+        causal=False,  # causal self-attention (CLIP); eot/last pooling attends without a padding mask
+        norm_eps=1e-6,
+        activation="gelu_tanh",
+        projection="linear",
+    ))
 
     c.data = dict(
         # "synthetic" (built in) or a dataset built by `vlm data build --name=NAME` (NAME[/CONFIG][:VERSION]).
@@ -95,6 +116,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.task = dict(name="contrastive", loss="softmax", max_logit_scale=100.0)
     # Named evaluators (vlm/eval/evaluators.py): type, every (steps; 0 = eval_every), prefix, options.
     c.evals = dict(retrieval=dict(type="retrieval", every=0))
+    # Metric sinks besides the console and W/metrics.jsonl: "tensorboard" (W/tensorboard/), "wandb",
+    # "mlflow" (pip install 'vlm[tracking]'; set WANDB_PROJECT / MLFLOW_TRACKING_URI; the tracker's run
+    # id is kept in W/, so a resumed run continues the same tracker run). See vlm/tracking.py.
+    c.metrics = dict(writers=("tensorboard",))
 
     if arg in ("B/16", "L/14"):
         size, patch = arg.split("/")
@@ -113,8 +138,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.model.dtype = "bfloat16"
         c.model.remat = "full"
         c.model.embed_dim = 512 if size == "B" else 768
-        c.model.video = dict(attention="divided", tubelet=(2, patch, patch), **video_encoder.VARIANTS[size])
-        c.model.text = dict(vocab_size=32_000, **text_encoder.VARIANTS[size])
+        c.model.video.update(dict(attention="divided", tubelet=(2, patch, patch), **video_encoder.VARIANTS[size]))
+        c.model.text.update(dict(vocab_size=32_000, **text_encoder.VARIANTS[size]))
         c.data.num_frames = 16
         c.data.resolution = 224
         c.data.eval_size = 1000

@@ -26,6 +26,11 @@ are decoded in the stream (in the Grain worker processes when worker_count >
 did not decode, each replaced by the next good record of its stream (see
 `datasets.DecodedStream`). The counter is part of the iterator state.
 
+Latent datasets (`vlm data encode`; `latents.py`) are read the same way, their
+records decoded by `latents.LatentDecoder`: batches hold "latents" float32
+[b, t, h, w, c] instead of "video" (and no "frame_mask"); a mixture is all
+latent datasets or none.
+
 Eval: the held-out split in order, once. Global batch k holds records
 [k*B, (k+1)*B); process p's share of it is the p-th block of b records, so the
 rows of the global array built from the per-process batches are in split
@@ -47,7 +52,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from input_pipeline import datasets, synthetic, video
+from input_pipeline import datasets, latents, synthetic, video
 from input_pipeline.sources import DEFAULTS as _DATA_DEFAULTS
 from input_pipeline.sources import Source, config_error as _config_error, setting, train_sources  # noqa: F401
 from input_pipeline.tokenizer import Tokenizer, get_tokenizer
@@ -134,6 +139,11 @@ def check_data_config(data_config, sources: list[Source] | None = None) -> None:
                              "config.data.eval_split")
     except datasets.DatasetError as e:
         raise _config_error(str(e)) from None
+    kinds = {s.name: latents.is_latent_dataset(s.name, s.data_dir) for s in sources or train_sources(data_config)}
+    if len(set(kinds.values())) > 1:
+        raise _config_error(f"config.data.sources mixes latent datasets ({', '.join(n for n, k in kinds.items() if k)})"
+                            f" with video datasets ({', '.join(n for n, k in kinds.items() if not k)}); a batch holds "
+                            "either latents or video")
 
 
 def _synthetic_source(data_config, split: str) -> synthetic.SyntheticVideoCaptions:
@@ -258,7 +268,8 @@ def _source_stream(source: Source, data_config, seed: int, stream: int, extras: 
     dataset = grain.MapDataset.source(records).shuffle(seed=_stream_seed(seed, stream)).repeat()
     if source.name == datasets.SYNTHETIC:
         return dataset.map(datasets.WithExtras()) if extras else dataset
-    return datasets.DecodedStream(dataset, datasets.ClipDecoder(data_config), seed=_shuffle_seed(seed), stream_id=stream)
+    decoder = latents.decoder_for(data_config, source.name, source.data_dir)  # video clips or cached latents
+    return datasets.DecodedStream(dataset, decoder, seed=_shuffle_seed(seed), stream_id=stream)
 
 
 def _integer_proportions(weights: list[float]) -> list[int]:
@@ -512,8 +523,9 @@ def create_eval_iterator(
             source = datasets.records(data_config.name, split, data_config.data_dir)
         except datasets.DatasetError as e:
             raise _config_error(str(e)) from None
+        decoder = latents.decoder_for(data_config, data_config.name, data_config.data_dir)
         shard = _PaddedEvalShard(source, global_batch_size, local_batch_size, process_index,
-                                 size=data_config.eval_size, decoder=datasets.ClipDecoder(data_config))
+                                 size=data_config.eval_size, decoder=decoder)
     dataset = (
         grain.MapDataset.source(shard)
         .batch(local_batch_size)

@@ -27,7 +27,7 @@ def run_cli(*args, devices=8, timeout=120):
     [
         (["--config.batch_sise=16"], "unknown config key --config.batch_sise; did you mean batch_size"),
         (["--config.model.vidoe.width=8"], "unknown config key --config.model.vidoe.width"),
-        (["--config.mesh.data=3"], "config.mesh data=3*fsdp=1*tensor=1 needs 3 devices but 8 are available"),
+        (["--config.mesh.data=3"], "config.mesh data=3*fsdp=1*context=1*tensor=1 needs 3 devices but 8 are available"),
         (["--config.batch_size=12"], "config.batch_size=12 (microbatch 12) does not divide over the batch axes data*fsdp=8"),
         (["--config.optim.lr=fast"], "flag --config.optim.lr=fast: could not convert string to float"),
         # 4 attention heads cannot be split 8 ways: caught on abstract shapes, before compiling.

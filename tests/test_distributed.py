@@ -47,12 +47,12 @@ def test_slurm_tpu_and_single(monkeypatch):
 def test_axis_sizes_multiply_ici_and_dcn():
     mesh = {"data": 1, "fsdp": -1, "tensor": 2, "dcn": {"data": 4, "fsdp": 1, "tensor": 1}}
     # 64 chips in 4 slices of 16: fsdp fills 16 / 2 = 8 within a slice.
-    assert sharding.axis_sizes(mesh, 64) == {"data": 4, "fsdp": 8, "tensor": 2}
+    assert sharding.axis_sizes(mesh, 64) == {"data": 4, "fsdp": 8, "context": 1, "tensor": 2}
     with pytest.raises(sharding.MeshError, match="asks for 4 slices"):
         sharding.axis_sizes(mesh, 6)
 
 
 def test_single_slice_mesh_is_the_plain_mesh():
     mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1, "dcn": {"data": 1, "fsdp": 1, "tensor": 1}})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert list(mesh.devices.flat) == jax.devices()

@@ -98,7 +98,7 @@ def test_restore_onto_another_mesh(tmp_path):
     setup2 = train.build(config2, mesh2)
     restored, _ = checkpointer.restore(2, setup2.abstract_state, setup2.state_shardings)
     kernel2 = restored["params"]["video"]["encoder"]["blocks"][0]["mlp"]["up"]["kernel"]
-    assert kernel2.sharding.mesh.shape == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert kernel2.sharding.mesh.shape == {"data": 2, "fsdp": 1, "context": 1, "tensor": 1}
     assert len(kernel2.sharding.device_set) == 2
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

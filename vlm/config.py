@@ -79,6 +79,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"config.model.attention_impl={impl!r} is unknown; choose one of {', '.join(ATTENTION_IMPLS)}")
     if impl == "cudnn" and config.model.dtype == "float32":
         raise ConfigError("config.model.attention_impl='cudnn' needs config.model.dtype=bfloat16 (cuDNN has no float32 kernel)")
+    from vlm.nn.attention import CONTEXT_PARALLEL_KINDS
+
+    cp = config.model.get("context_parallel", "none")
+    if cp not in CONTEXT_PARALLEL_KINDS:
+        raise ConfigError(f"config.model.context_parallel={cp!r} is unknown; choose one of {', '.join(CONTEXT_PARALLEL_KINDS)}")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={config.model.dtype!r} is unknown; use float32 or bfloat16")
     _validate_trainer_keys(config)

@@ -13,6 +13,10 @@ a source tensor that matches no pattern (or names no parameter of the model) is 
 Plan first (metadata only: a one-line ConfigError before anything compiles), then read: each
 tensor is restored straight onto the target's sharding, so every process reads only its shards
 and a run saved on one mesh loads on any other.
+
+`workdir` may also be an export folder (`vlm export`, `vlm convert`: D/model.safetensors, whose
+tensor names are the same "/"-joined paths); `step` and `use_ema` then do not apply (an export
+holds one set of weights) and each device reads only its slices of each tensor.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from flax import traverse_util
 
 from vlm.errors import ConfigError
 
+EXPORT_ITEM = "export"  # Plan.item when the source is an export folder
 
 @dataclasses.dataclass
 class Plan:
     source: str  # the item directory read
     step: int
-    item: str  # "params" or "ema"
+    item: str  # "params", "ema", or "export" (an export folder's model.safetensors)
     renames: dict[str, str]  # source path → target path, for every tensor that loads
     left_out: list[str]  # source paths not loaded (mapped to "" or, non-strict, unmatched)
     kept_init: list[str]  # target paths nothing loads
@@ -73,12 +78,18 @@ def _metadata_tree(path: epath.Path):
 
 def plan(init_config, abstract_params) -> Plan:
     """Checks the source against the model (`abstract_params`: pure dict of ShapeDtypeStructs)."""
+    from vlm import export
+
     c = init_config
-    checkpoints = epath.Path(c.workdir) / "checkpoints"
-    step = _source_step(checkpoints, c.get("step", -1))
-    item = "ema" if c.get("use_ema", True) and (checkpoints / str(step) / "ema").exists() else "params"
-    source = checkpoints / str(step) / item
-    src = _flat(_metadata_tree(source))
+    if (epath.Path(c.workdir) / export.WEIGHTS).exists():  # an export folder
+        step, item, source = int(export.read_metadata(c.workdir).get("step", 0)), EXPORT_ITEM, c.workdir
+        src = {name: jax.ShapeDtypeStruct(shape, "float32") for name, shape in export.read_shapes(c.workdir).items()}
+    else:
+        checkpoints = epath.Path(c.workdir) / "checkpoints"
+        step = _source_step(checkpoints, c.get("step", -1))
+        item = "ema" if c.get("use_ema", True) and (checkpoints / str(step) / "ema").exists() else "params"
+        source = checkpoints / str(step) / item
+        src = _flat(_metadata_tree(source))
     dst = _flat(abstract_params)
     rules = []
     for entry in c.get("mapping", ()) or ():
@@ -123,16 +134,20 @@ def plan(init_config, abstract_params) -> Plan:
 def apply(p: Plan, params, shardings):
     """`params` (pure dict of arrays) with the planned tensors read from the source onto `shardings`."""
     flat_params, flat_shardings = _flat(params), _flat(shardings)
-    src_keys = {_name(k): k for k in traverse_util.flatten_dict(_metadata_tree(epath.Path(p.source)))}
-    item, restore_args = {}, {}
-    for path, target in p.renames.items():
-        s, dtype = flat_shardings[target], flat_params[target].dtype
-        item[src_keys[path]] = jax.ShapeDtypeStruct(flat_params[target].shape, dtype, sharding=s)
-        restore_args[src_keys[path]] = ocp.ArrayRestoreArgs(sharding=s, dtype=dtype)
-    restored = ocp.PyTreeCheckpointer().restore(p.source, args=ocp.args.PyTreeRestore(
-        item=traverse_util.unflatten_dict(item), restore_args=traverse_util.unflatten_dict(restore_args),
-        partial_restore=True))
-    loaded = _flat(restored)
+    targets = {path: jax.ShapeDtypeStruct(flat_params[target].shape, flat_params[target].dtype,
+                                          sharding=flat_shardings[target]) for path, target in p.renames.items()}
+    if p.item == EXPORT_ITEM:
+        from vlm import export
+
+        loaded = export.read_arrays(p.source, targets)
+    else:
+        src_keys = {_name(k): k for k in traverse_util.flatten_dict(_metadata_tree(epath.Path(p.source)))}
+        item = {src_keys[path]: target for path, target in targets.items()}
+        restore_args = {key: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype) for key, t in item.items()}
+        restored = ocp.PyTreeCheckpointer().restore(p.source, args=ocp.args.PyTreeRestore(
+            item=traverse_util.unflatten_dict(item), restore_args=traverse_util.unflatten_dict(restore_args),
+            partial_restore=True))
+        loaded = _flat(restored)
     for path, target in p.renames.items():
         flat_params[target] = loaded[path]
     keys = traverse_util.flatten_dict(params)

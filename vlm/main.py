@@ -2,8 +2,15 @@
 
   vlm train --config=configs/dual_encoder.py:tiny --workdir=W [--config.key=value ...]
   vlm eval --workdir=W [--step=N] [--evals=name,...] [--use_ema=false]
+  vlm caption --workdir=W a.mp4 [b.mp4 ...] [--decode=greedy|beam|sample] [--beam_size=4] [--step=N]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
+  vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
+  vlm export --workdir=W --output=D [--step=N] [--dtype=bfloat16] [--format=safetensors|stablehlo]
+  vlm embed --workdir=W|--export=D [--name=NAME --split=S --data_dir=DIR | --manifest=M] --output=O
+  vlm retrieve --index=O --text="..." | --video=x.mp4 [--k=10]
+  vlm reconstruct --workdir=W in.mp4 --out=out.mp4 [--num_frames=N --resolution=R]
+  vlm data encode --vae_workdir=W --out_name=NAME_latents [--config=DATA_CONFIG | --dataset=NAME] [--max_examples=N]
 """
 
 from __future__ import annotations
@@ -14,20 +21,24 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "tokenizer train", "data build")
+COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "data encode", "convert", "export", "embed",
+            "retrieve", "reconstruct")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
 flags.DEFINE_integer("step", None, "eval: which checkpoint step (default: latest).")
 flags.DEFINE_string("evals", None, "eval: comma-separated evaluator names from config.evals (default: all).")
 flags.DEFINE_bool("use_ema", None, "eval: use the EMA weights when the run keeps them (default: true).")
+flags.DEFINE_enum("decode", None, ["greedy", "beam", "sample"],
+                  "caption: decoding method (default: beam with --beam_size, else the run's captions evaluator's).")
+flags.DEFINE_integer("beam_size", None, "caption: beam width (implies --decode=beam unless --decode says otherwise).")
 flags.DEFINE_integer("exit_after_step", None, "train: checkpoint and exit after this step (a preemption drill).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (else auto: env, SLURM, TPU).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.DEFINE_string("input", None, "tokenizer train: text file, one caption per line.")
 flags.DEFINE_integer("vocab_size", None, "tokenizer train: vocabulary size.")
-flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model).")
+flags.DEFINE_string("output", None, "tokenizer train: output prefix (writes PREFIX.model); convert: the export folder.")
 flags.DEFINE_string("manifest", None, "data build: JSONL or CSV manifest of media paths and captions.")
 flags.DEFINE_string("data_dir", None, "data build: where datasets live (writes DATA_DIR/NAME/VERSION).")
 flags.DEFINE_string("name", None, "data build: the dataset's name (then --config.data.name=NAME).")
@@ -41,6 +52,32 @@ flags.DEFINE_bool("overwrite", False, "data build: replace an existing dataset o
 flags.DEFINE_bool("allow_outside", False, "data build: allow media paths outside the manifest's folder.")
 flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
+flags.DEFINE_string("from", None, "convert: a Hugging Face checkpoint folder (config.json + model.safetensors).")
+flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's model family.")
+flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions).")
+flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the stored parameters' dtype.")
+flags.DEFINE_enum("format", "safetensors", ["safetensors", "stablehlo"],
+                  "export: safetensors (model.safetensors, config.json, tokenizer.model, README.md), or that plus "
+                  "jax.export'ed embed_text/embed_video (stablehlo).")
+flags.DEFINE_string("export", None, "embed: an export folder (`vlm export`) instead of --workdir.")
+flags.DEFINE_string("split", None, "embed: the split to embed (default: the run's eval split; a manifest: all rows).")
+flags.DEFINE_integer("batch_size", None, "embed: global rows per step (default: the run's eval_batch_size).")
+flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`.")
+flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
+flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
+flags.DEFINE_integer("k", 10, "retrieve: how many results.")
+flags.DEFINE_string("out", None, "reconstruct: the output video (.mp4, or .gif).")
+flags.DEFINE_integer("resolution", 0, "reconstruct: shorter side resized to this and a centre square crop (0 = native).")
+flags.DEFINE_string("vae_workdir", None, "data encode: the video autoencoder run (configs/video_vae.py) that encodes.")
+flags.DEFINE_string("dataset", None, "data encode: the source dataset's name (else --config's data, else the VAE run's).")
+flags.DEFINE_string("out_name", None, "data encode: the latent dataset's name (then --config.data.name=NAME).")
+flags.DEFINE_string("splits", None, "data encode: comma-separated splits (default: the train and eval splits).")
+flags.DEFINE_integer("max_examples", 0, "data encode: at most this many clips per split (0 = all).")
+flags.DEFINE_enum("latents", "posterior", ["posterior", "sample"],
+                  "data encode: store the posterior (mean and std) or one sample z = mean + std * eps per clip.")
+flags.DEFINE_integer("chunk_size", 256, "data encode: clips per work chunk (the unit of resuming and sharding).")
+flags.DEFINE_integer("seed", 0, "data encode: seed of the samples (--latents=sample).")
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +111,7 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
-        if command in ("train", "eval"):
+        if command in ("train", "eval", "embed", "data encode"):
             from vlm import distributed
 
             distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -94,9 +131,33 @@ def main(argv: list[str]) -> None:
 
             metrics = train.evaluate(FLAGS.workdir, step=FLAGS.step, evals=FLAGS.evals, use_ema=FLAGS.use_ema)
             print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        elif command == "caption":
+            _require("workdir")
+            from vlm.tasks import captioning
+
+            try:
+                captions = captioning.caption_files(FLAGS.workdir, argv[2:], decode=FLAGS.decode,
+                                                    beam_size=FLAGS.beam_size, step=FLAGS.step, use_ema=FLAGS.use_ema)
+            except ValueError as e:  # a file that does not decode, no files: one line
+                _fail(str(e))
+            print("\n".join(f"{path}\t{caption}" for path, caption in captions), flush=True)
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
+        elif command == "convert":
+            _require("from", "kind", "output")
+            from vlm import convert
+
+            try:
+                path = convert.convert(FLAGS["from"].value, FLAGS.kind, FLAGS.output, num_frames=FLAGS.num_frames,
+                                       tubelet_frames=FLAGS.tubelet_frames)
+            except convert.ConvertError as e:
+                _fail(str(e))
+            print(f"wrote {path} (model.safetensors, config.json)", flush=True)
+        elif command in ("export", "embed", "retrieve"):
+            _downstream(command)
+        elif command in ("reconstruct", "data encode"):
+            _autoencoder(command, argv)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer
@@ -165,6 +226,91 @@ def _data_build() -> None:
         _fail(str(e))
     print("\n".join(summary.lines()), flush=True)
     print(f"train on it with: --config.data.name={FLAGS.name} --config.data.data_dir={FLAGS.data_dir}", flush=True)
+
+
+def _downstream(command: str) -> None:
+    """`vlm export`, `vlm embed`, `vlm retrieve` (vlm/export.py, vlm/embed.py)."""
+    if command == "export":
+        _require("workdir", "output")
+        from vlm import export
+
+        try:
+            folder = export.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, use_ema=FLAGS.use_ema,
+                                   dtype=FLAGS.dtype, format=FLAGS.format)
+        except ValueError as e:
+            _fail(str(e))
+        print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}", flush=True)
+        return
+    from vlm import embed
+
+    if command == "embed":
+        if (FLAGS.workdir is None) == (FLAGS.export is None):
+            _fail("vlm embed needs exactly one of --workdir (a run) and --export (an export folder)")
+        _require("output")
+        try:
+            info = embed.embed(FLAGS.workdir or FLAGS.export, FLAGS.output, name=FLAGS.name, split=FLAGS.split,
+                               data_dir=FLAGS.data_dir, manifest=FLAGS.manifest, batch_size=FLAGS.batch_size)
+        except ValueError as e:
+            _fail(str(e))
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"wrote {info['count']} rows ({info['skipped']} skipped) of {info['source']} to {FLAGS.output}",
+                  flush=True)
+        return
+    _require("index")
+    try:
+        results = embed.retrieve(FLAGS.index, text=FLAGS.text, video=FLAGS.video, k=FLAGS.k,
+                                 model_path=FLAGS.workdir or FLAGS.export)
+    except ValueError as e:
+        _fail(str(e))
+    for r in results:
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {r['id']}  {r['caption']}", flush=True)
+
+
+def _autoencoder(command: str, argv: list[str]) -> None:
+    """`vlm reconstruct` and `vlm data encode` (vlm/tasks/autoencoding.py)."""
+    from vlm.tasks import autoencoding
+
+    if command == "reconstruct":
+        _require("workdir", "out")
+        if len(argv) != 3:
+            _fail("vlm reconstruct takes one input video: vlm reconstruct --workdir=W in.mp4 --out=out.mp4")
+        num_frames = FLAGS.num_frames if FLAGS["num_frames"].present else 0
+        try:
+            r = autoencoding.reconstruct_file(FLAGS.workdir, argv[2], FLAGS.out, num_frames=num_frames,
+                                              resolution=FLAGS.resolution)
+        except ValueError as e:
+            _fail(str(e))
+        print(f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  ({r['frames']} frames of {r['height']}x{r['width']}, "
+              f"step {r['step']}); wrote {r['out']}", flush=True)
+        return
+    _require("vae_workdir", "out_name")
+    from vlm import train
+
+    if FLAGS["config"].present:
+        data_config = FLAGS.config.data
+    else:
+        data_config = train.load_config(FLAGS.vae_workdir).data
+    with data_config.unlocked():
+        if FLAGS.dataset:
+            data_config.name = FLAGS.dataset
+        if FLAGS.data_dir and FLAGS.dataset:
+            data_config.data_dir = FLAGS.data_dir
+    try:
+        info = autoencoding.encode_dataset(
+            FLAGS.vae_workdir, data_config, FLAGS.out_name, data_dir=FLAGS.data_dir or "",
+            splits=[s for s in (FLAGS.splits or "").split(",") if s], max_examples=FLAGS.max_examples,
+            stored=FLAGS.latents, chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size or 0, seed=FLAGS.seed,
+            step=FLAGS.step, overwrite=FLAGS.overwrite)
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e))
+    if info is not None:
+        splits = ", ".join(f"{s} {n}" for s, n in info["splits"].items())
+        print(f"wrote latent dataset {FLAGS.out_name} ({splits} clips, latents {info['shape']}, {info['stored']}; "
+              f"VAE step {info['vae_step']}, hash {info['vae_hash'][:12]})", flush=True)
+        print(f"train on it with: --config.data.name={FLAGS.out_name}"
+              + (f" --config.data.data_dir={FLAGS.data_dir}" if FLAGS.data_dir else ""), flush=True)
 
 
 def _one_line(error: BaseException, argv: list[str]) -> str:

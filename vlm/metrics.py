@@ -1,6 +1,8 @@
-"""Metric writers (console, JSONL, TensorBoard), step timing, model FLOPs and MFU.
+"""Metric writers (console, JSONL, TensorBoard, and trackers), step timing, model FLOPs and MFU.
 
-Only process 0 writes; other processes get a writer that drops everything.
+Only process 0 writes; other processes get a writer that drops everything. Besides the console
+and W/metrics.jsonl (always), `config.metrics.writers` names the sinks: "tensorboard" (the
+default), "wandb" and "mlflow" (`vlm/tracking.py`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,29 @@ def truncate_rows(path: epath.Path, last_step: int) -> int:
     return dropped
 
 
+WRITERS = ("tensorboard", "wandb", "mlflow")
+DEFAULT_WRITERS = ("tensorboard",)
+
+
+def writer_names(config) -> tuple[str, ...]:
+    """`config.metrics.writers` (("tensorboard",) for a config without it); a one-line
+    ConfigError for an unknown name."""
+    from vlm.errors import ConfigError
+
+    metrics = (config.get("metrics") if config is not None else None) or {}
+    names = metrics.get("writers", DEFAULT_WRITERS)
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in WRITERS]
+    if unknown:
+        raise ConfigError(f"config.metrics.writers has unknown writer(s) {', '.join(map(repr, unknown))}; "
+                          f"choose from {', '.join(WRITERS)}")
+    return names
+
+
 class MetricWriter:
-    """Console progress line, W/metrics.jsonl and TensorBoard, all from one `write` call.
+    """Console progress line, W/metrics.jsonl and the config's sinks (TensorBoard, trackers),
+    all from one `write` call. `config` gives `config.metrics.writers` (default: TensorBoard);
+    `tensorboard=False` leaves TensorBoard out whatever the config says.
 
     A run that resumes from the checkpoint of step `resume_step` first drops the rows written after
     that step by the run that stopped (they are written again, the same), so metrics.jsonl holds one
@@ -72,22 +95,28 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str | None, total_steps: int, *, enabled: bool | None = None, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 config=None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self._jsonl = None
         self._tb = None
+        self._trackers = []
+        names = writer_names(config)  # checked on every process: a typo fails everywhere alike
         if self.enabled and workdir:
             root = epath.Path(workdir)  # local or a bucket (gs://...)
             root.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 truncate_rows(root / "metrics.jsonl", resume_step)
             self._jsonl = (root / "metrics.jsonl").open("a")
-            if tensorboard:
+            if tensorboard and "tensorboard" in names:
                 from tensorboardX import SummaryWriter
 
                 purge = {} if resume_step is None else {"purge_step": resume_step + 1}
                 self._tb = SummaryWriter(str(root / "tensorboard"), **purge)
+            if any(n != "tensorboard" for n in names):
+                from vlm import tracking
+
+                self._trackers = [tracking.create(n, workdir, config) for n in names if n != "tensorboard"]
 
     def write(self, step: int, metrics: Mapping[str, float], *, eta_s: float | None = None) -> None:
         if not self.enabled:
@@ -100,6 +129,8 @@ class MetricWriter:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        for tracker in self._trackers:
+            tracker.write(step, metrics)
         print(self.format_line(step, metrics, eta_s), file=sys.stdout, flush=True)
 
     def format_line(self, step: int, metrics: Mapping[str, float], eta_s: float | None) -> str:
@@ -116,6 +147,8 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 def _fmt(v: float) -> str:

@@ -1,8 +1,18 @@
 """The device mesh, logical-axis rules, and helpers that place arrays on it.
 
 Models name only *logical* axes (`batch`, `embed`, `mlp`, ...). The config's
-rules map them to the mesh axes `data`, `fsdp`, `tensor`; nothing else in the
-code base names a mesh axis except `BATCH_AXES` below.
+rules map them to the mesh axes `data`, `fsdp`, `context`, `tensor`; nothing else in
+the code base names a mesh axis except `BATCH_AXES` below.
+
+Context parallelism: the `context` axis splits *activations* along their sequence
+(`tokens → context`), never parameters. A parameter with a sequence axis (a learned
+position table, `[tokens, embed]`) is placed with `parameter_rules(rules)`, which
+leaves the sequence names (`SEQUENCE_AXES`) unmapped, so it stays whole along that
+axis whatever the context size (and `check_divisible` never sees a table split over
+context). Parameters are replicated over `context` by default; a config that wants
+them split there too (ZeRO-style, as MaxText does) adds `context` to the `embed`
+rule: `[["embed", ["fsdp", "context"]], ...]`. With `context` = 1 (configs that don't
+name it) every placement is the same as without the axis.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Device order: data (outermost, slowest links) ... tensor (innermost, fastest links). Context
+# parallelism exchanges keys/values every attention layer, so it sits next to tensor.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # The global batch is split over these mesh axes (data parallel + FSDP).
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,11 +42,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("frames", None),
-    ("tokens", None),
+    ("tokens", "context"),  # activations only (see parameter_rules)
+    ("layers", None),  # the leading axis of scanned (stacked) layers
     ("head_dim", None),
     ("conv_in", None),
     ("conv_out", None),
 )
+
+# Logical axes that index positions in a sequence: split over `context` in activations only.
+SEQUENCE_AXES = ("tokens", "frames")
 
 # Parameters and module construction never shard eagerly: shardings are derived
 # from the abstract model and applied by a jitted init (see train.py).
@@ -46,8 +62,11 @@ class MeshError(ValueError):
 
 
 def mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> dict[str, int]:
-    """Resolves the config's (within-slice) axis sizes; at most one axis may be -1 (fills the rest)."""
-    sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
+    """Resolves the config's (within-slice) axis sizes; at most one axis may be -1 (fills the rest).
+
+    An axis the config does not name has size 1 (configs and saved workdirs from before `context`).
+    """
+    sizes = {name: int(mesh_config.get(name, 1)) for name in MESH_AXES}
     fill = [name for name, size in sizes.items() if size == -1]
     bad = [name for name, size in sizes.items() if size == 0 or size < -1]
     if bad:
@@ -67,7 +86,7 @@ def mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> dict[str, in
             )
         sizes[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
-        shown = "*".join(f"{n}={s}" for n, s in sizes.items())
+        shown = "*".join(f"{n}={s}" for n, s in sizes.items() if n in mesh_config or s != 1)
         raise MeshError(
             f"config.mesh {shown} needs {fixed} devices but {num_devices} are available; "
             f"set one axis to -1 (e.g. --config.mesh.data=-1) or make the product {num_devices}"
@@ -98,7 +117,7 @@ def axis_sizes(mesh_config: Mapping[str, Any], num_devices: int) -> dict[str, in
 
 
 def create_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types (pjit-style sharding).
+    """A (data, fsdp, context, tensor) mesh with Auto axis types (pjit-style sharding).
 
     With `mesh.dcn` products > 1 (multislice TPU, multi-node GPU) devices are laid out
     as a hybrid mesh, MaxText-style: the DCN part of each axis spans slices (or
@@ -148,19 +167,36 @@ def logical_to_mesh_spec(logical_axes: Sequence[str | None]) -> P:
     return nn.logical_to_mesh_axes(tuple(logical_axes), spmd.get_logical_axis_rules())
 
 
+def active() -> bool:
+    """Whether a mesh and logical-axis rules are current (inside `use_mesh`)."""
+    return bool(spmd.get_logical_axis_rules()) and not jax.sharding.get_abstract_mesh().empty
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `use_mesh`.
 
     Used at block boundaries only (DESIGN.md): XLA propagates the rest.
     """
-    if not spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+    if not active():
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical_axes))
 
 
+def parameter_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """The rules for parameters and other model state: sequence axes (`SEQUENCE_AXES`) unmapped.
+
+    A sequence split belongs to activations (context parallelism); a parameter indexed by
+    position (a position table) must not be split along it.
+    """
+    return tuple((logical, None if logical in SEQUENCE_AXES else axes) for logical, axes in rules)
+
+
 def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules) -> Any:
-    """NamedShardings for an (abstract) nnx.State, as a pure dict mirroring `to_pure_dict`."""
-    with nnx.logical_axis_rules(rules):
+    """NamedShardings for an (abstract) nnx.State, as a pure dict mirroring `to_pure_dict`.
+
+    Placed by `parameter_rules(rules)`: never split along a sequence axis.
+    """
+    with nnx.logical_axis_rules(parameter_rules(rules)):
         specs = nnx.get_partition_spec(abstract_state)
     specs = nnx.to_pure_dict(specs)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))

@@ -21,7 +21,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from vlm import accumulation, init_from, optim, sharding, tasks, train_state
+from vlm import accumulation, init_from, optim, run_tokenizer, sharding, tasks, train_state
 from vlm import checkpoint as checkpoint_lib
 from vlm import config as config_lib
 from vlm import metrics as metrics_lib
@@ -187,6 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
     init_plan = None
     if not checkpointer.all_steps() and config.init_from.workdir:  # metadata only: fails before compiling
         init_plan = init_from.plan(config.init_from, setup.abstract_state["params"])
+    config = run_tokenizer.save_to_workdir(config, workdir)  # W/tokenizer.model; its sha256 in config.json
     preempted = PreemptionFlag()
     timer, pending_skips = None, None
     last: dict[str, float] = {}
@@ -220,7 +221,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
             _log(f"resumed from {checkpointer.directory}/{start_step}")
         workdir_lib.write_config(config, workdir)
         # Rows a stopped run wrote after its last checkpoint are dropped: they are written again.
-        writer = metrics_lib.MetricWriter(workdir, config.total_steps, resume_step=start_step)
+        writer = metrics_lib.MetricWriter(workdir, config.total_steps, config=config, resume_step=start_step)
         for step in range(start_step, config.total_steps):
             local_batch = next(data_iter)
             batch = sharding.global_batch(local_batch, mesh)
@@ -283,7 +284,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; --workdir must be the workdir of a `vlm train` run")
-    return config_lib.from_json(path.read_text())
+    return run_tokenizer.use_folder_copy(config_lib.from_json(path.read_text()), workdir)  # W/tokenizer.model
 
 
 def restore_params(config, workdir: str, mesh, *, step: int | None = None, use_ema: bool | None = None):
@@ -315,8 +316,9 @@ def load_model(workdir: str, *, step: int | None = None, devices=None, use_ema: 
     """
     config = load_config(workdir)
     devices = list(devices or jax.devices()[:1])
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
-    config.mesh.dcn.update(dict(data=1, fsdp=1, tensor=1))
+    with config.unlocked():  # (configs saved before the context axis lack it)
+        config.mesh.update(dict(data=-1, fsdp=1, context=1, tensor=1))
+        config.mesh.dcn.update(dict(data=1, fsdp=1, context=1, tensor=1))
     mesh = sharding.create_mesh(config.mesh, devices)
     _, model, step = restore_params(config, workdir, mesh, step=step, use_ema=use_ema)
     return model, config, step

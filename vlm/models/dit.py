@@ -17,6 +17,16 @@ Self-attention is over all N tokens (`attention="full"`) or factorised (`"factor
 alternate spatial attention (h'·w' tokens of one frame; even blocks) and temporal attention (t'
 tokens at one spatial position; odd blocks), Open-Sora STDiT-style.
 
+Long sequences: the tokens are split over the `context` mesh axis (rule `tokens → context`); full
+self-attention then exchanges keys/values as `context_parallel` says ("ulysses" | "ring", see
+vlm/nn/context_parallel.py; "none" = XLA's partitioner). The text (short) stays whole on every device
+of the context axis, so cross-attention of the split queries to it is local.
+
+`scan_layers=True` stores the blocks stacked ([depth, ...] leaves; factorised: [depth/2, ...] spatial /
+temporal pairs) and applies them with one `nnx.scan`: compile time stops growing with depth. The
+two layouts convert with `vlm.nn.scan.stack_layers(params, "blocks", group)` / `unstack_layers`,
+group = `DiT.layer_group` (1 full, 2 factorised).
+
 Initialisation (adaLN-Zero, DiT): the shared modulation Dense and all offsets are zero, so every
 gate is 0; the cross-attention output projection is zero as well (it has no gate, as in Wan), so
 every block is exactly the identity at init. The final Dense is zero, so a fresh model outputs
@@ -43,6 +53,7 @@ from vlm.nn.linear import Dense, Dtype, LayerNorm
 from vlm.nn.mlp import Mlp
 from vlm.nn.modulation import TimestepEmbed, modulate, normalize
 from vlm.nn.patches import patch_grid, patchify, unpatchify
+from vlm.nn import scan
 from vlm.nn.rope import grid_positions, rope_angles, rotary, wan_axis_dims
 from vlm.nn.transformer import REMAT_POLICIES, check_remat
 
@@ -56,7 +67,8 @@ VARIANTS: Mapping[str, dict] = {
 }
 
 ATTENTION_KINDS = ("full", "factorised")
-TOKENS = ("batch", "tokens", "embed")
+TOKENS = ("batch", "tokens", "embed")  # the video tokens: split over `context` when it is > 1
+TEXT = ("batch", None, "embed")  # the text states: whole on every device of the context axis
 
 
 def zeros_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
@@ -68,11 +80,12 @@ class DiTBlock(nnx.Module):
     """One adaLN-Zero block; `attention` ∈ {full, spatial, temporal} picks which tokens attend to each other."""
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, attention: str, rope_theta: float,
-                 qk_norm: bool, dtype: Dtype, attention_impl: str, rngs: nnx.Rngs):
+                 qk_norm: bool, dtype: Dtype, attention_impl: str, context_parallel: str = "none", rngs: nnx.Rngs):
         self.attention, self.rope_theta, self.dtype = attention, rope_theta, dtype
         self.rope_dims = wan_axis_dims(width // num_heads)
         self.modulation = zeros_param(rngs, (6, width), (None, "embed"))  # per-block offsets of the shared modulation
-        self.self_attn = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, qk_norm=qk_norm, rngs=rngs)
+        self.self_attn = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, qk_norm=qk_norm,
+                                       context_parallel=context_parallel, rngs=rngs)
         self.cross_norm = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.cross_attn = CrossAttention(width, width, num_heads, dtype=dtype, impl=attention_impl, qk_norm=qk_norm,
                                          rngs=rngs)
@@ -126,6 +139,8 @@ class DiT(nnx.Module):
         remat: str = "none",
         dtype: Dtype = jnp.float32,
         attention_impl: str = "xla",
+        context_parallel: str = "none",
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if attention not in ATTENTION_KINDS:
@@ -135,9 +150,17 @@ class DiT(nnx.Module):
         if num_heads <= 0 or width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         check_remat(remat)
+        if attention == "factorised" and context_parallel != "none":
+            raise ValueError(f"context_parallel={context_parallel!r} needs attention='full'; factorised attention's "
+                             f"short sequences are partitioned by XLA (use context_parallel='none')")
+        if attention == "factorised" and scan_layers and depth % 2:
+            raise ValueError(f"scan_layers with factorised attention scans (spatial, temporal) pairs: depth {depth} "
+                             f"must be even")
         wan_axis_dims(width // num_heads)  # the head dim must split over (t, h, w)
         self.patch = tuple(int(p) for p in patch)
         self.in_channels, self.width, self.remat, self.dtype = in_channels, width, remat, dtype
+        self.scan_layers = scan_layers
+        self.layer_group = 1 if attention == "full" else 2  # blocks per scan step
         patch_features = self.patch[0] * self.patch[1] * self.patch[2] * in_channels
         self.patch_embed = Dense(patch_features, width, ("conv_in", "embed"), dtype=dtype, rngs=rngs)
         self.time_embed = TimestepEmbed(freq_dim, width, rngs=rngs)
@@ -151,12 +174,16 @@ class DiT(nnx.Module):
         self.null_context = nnx.Param(
             nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(rngs.params(), (1, context_width),
                                                                                   jnp.float32))
-        kinds = ["full"] * depth if attention == "full" else [("spatial", "temporal")[i % 2] for i in range(depth)]
-        self.blocks = nnx.List([
-            DiTBlock(width, num_heads, mlp_dim, attention=kind, rope_theta=rope_theta, qk_norm=qk_norm, dtype=dtype,
-                     attention_impl=attention_impl, rngs=rngs)
-            for kind in kinds
-        ])
+        kinds = ["full"] if attention == "full" else ["spatial", "temporal"]
+        block = lambda kind, rngs: DiTBlock(width, num_heads, mlp_dim, attention=kind, rope_theta=rope_theta,
+                                            qk_norm=qk_norm, dtype=dtype, attention_impl=attention_impl,
+                                            context_parallel=context_parallel, rngs=rngs)
+        if not scan_layers:
+            self.blocks = nnx.List([block(kinds[i % len(kinds)], rngs) for i in range(depth)])
+        elif attention == "full":
+            self.blocks = scan.create(lambda rngs: block("full", rngs), depth, rngs)  # leaves [depth, ...]
+        else:
+            self.blocks = scan.create(lambda rngs: nnx.List([block(kind, rngs) for kind in kinds]), depth // 2, rngs)
         self.head_modulation = zeros_param(rngs, (2, width), (None, "embed"))
         self.head = Dense(width, patch_features, ("embed", "conv_out"), dtype=dtype,
                           kernel_init=nnx.initializers.zeros, rngs=rngs)  # zero: the output is 0 at init
@@ -203,13 +230,21 @@ class DiT(nnx.Module):
         e = self.time_embed(jnp.broadcast_to(t, (b,)))  # [B, D] float32
         modulation = self.time_modulation(jax.nn.silu(e))  # [B, 6, D] float32
         text = self.text_out(jax.nn.gelu(self.text_hidden(context)))  # [B, L, D]
-        text = sharding.constrain(text, TOKENS)
+        text = sharding.constrain(text, TEXT)
 
-        apply = lambda blk, h, modulation, text, mask: blk(h, modulation, text, mask, grid)
-        if self.remat != "none":
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
-        for blk in self.blocks:
-            h = sharding.constrain(apply(blk, h, modulation, text, context_mask), TOKENS)
+        if self.scan_layers:
+            def step(group, h):  # one block, or one (spatial, temporal) pair
+                for blk in group if isinstance(group, nnx.List) else (group,):
+                    h = sharding.constrain(blk(h, modulation, text, context_mask, grid), TOKENS)
+                return h
+
+            h = scan.apply(self.blocks, step, h, remat=self.remat)
+        else:
+            apply = lambda blk, h, modulation, text, mask: blk(h, modulation, text, mask, grid)
+            if self.remat != "none":
+                apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+            for blk in self.blocks:
+                h = sharding.constrain(apply(blk, h, modulation, text, context_mask), TOKENS)
 
         mod = (self.head_modulation[...][None] + e[:, None])[:, :, None, :]  # [B, 2, 1, D]
         shift, scale = mod[:, 0], mod[:, 1]

@@ -19,13 +19,25 @@ from vlm.nn.linear import Dense, DenseOut, Dtype, RMSNorm
 # cuDNN flash-attention kernel, "cudnn" (NVIDIA GPUs, bfloat16/float16 only).
 ATTENTION_IMPLS = ("xla", "cudnn")
 
+# Self-attention over a sequence split across the `context` mesh axis (vlm/nn/context_parallel.py):
+# "none" leaves it to XLA's partitioner; "ulysses" (all-to-all over heads) or "ring" (rotating keys/values).
+CONTEXT_PARALLEL_KINDS = ("none", "ulysses", "ring")
+
 # q, k: [B, N, H, Dh] → rotated q, k (e.g. rotary positions); applied after QK-normalisation.
 Rotate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, impl: str, *,
-           is_causal: bool = False) -> jax.Array:
-    """q [B, N, H, Dh], k/v [B, M, H, Dh], mask bool [B, M] of valid keys (None = all) → [B, N, H, Dh]."""
+           is_causal: bool = False, context_parallel: str = "none") -> jax.Array:
+    """q [B, N, H, Dh], k/v [B, M, H, Dh], mask bool [B, M] of valid keys (None = all) → [B, N, H, Dh].
+
+    context_parallel ("ulysses" | "ring"): self-attention (M = N) whose sequence is split over the
+    `context` mesh axis exchanges keys/values explicitly (vlm/nn/context_parallel.py).
+    """
+    if context_parallel != "none":
+        from vlm.nn import context_parallel as cp  # imported here: it calls back into attend
+
+        return cp.attention(q, k, v, mask, impl, kind=context_parallel, is_causal=is_causal)
     if mask is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
     if impl == "cudnn":
@@ -37,7 +49,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, imp
                                         implementation=impl)
 
 
-def _check(width: int, num_heads: int, impl: str) -> int:
+def _check(width: int, num_heads: int, impl: str, context_parallel: str = "none") -> int:
+    if context_parallel not in CONTEXT_PARALLEL_KINDS:
+        raise ValueError(f"unknown context_parallel {context_parallel!r}; choose one of "
+                         f"{', '.join(CONTEXT_PARALLEL_KINDS)}")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
     if num_heads <= 0 or width % num_heads:
@@ -46,10 +61,15 @@ def _check(width: int, num_heads: int, impl: str) -> int:
 
 
 class SelfAttention(nnx.Module):
+    """context_parallel: how `__call__` attends over a sequence split across the `context` mesh axis
+    ("none": XLA's partitioner; "ulysses" or "ring", see vlm/nn/context_parallel.py). `extend`
+    (decoding) always attends locally."""
+
     def __init__(self, width: int, num_heads: int, *, dtype: Dtype, impl: str = "xla", qk_norm: bool = False,
-                 rngs: nnx.Rngs):
-        head_dim = _check(width, num_heads, impl)
+                 context_parallel: str = "none", rngs: nnx.Rngs):
+        head_dim = _check(width, num_heads, impl, context_parallel)
         self.impl = impl
+        self.context_parallel = context_parallel
         proj = lambda: Dense(width, (num_heads, head_dim), ("embed", "heads", "head_dim"), dtype=dtype, rngs=rngs)
         self.query, self.key, self.value = proj(), proj(), proj()
         self.out = DenseOut((num_heads, head_dim), width, ("heads", "head_dim", "embed"), dtype=dtype, rngs=rngs)
@@ -69,7 +89,8 @@ class SelfAttention(nnx.Module):
                  is_causal: bool = False) -> jax.Array:
         """x: [B, N, D]; mask: bool [B, N] of valid keys (None = all). Returns [B, N, D]."""
         q, k, v = self._project(x, rotate)
-        return self.out(attend(q, k, v, mask, self.impl, is_causal=is_causal))
+        return self.out(attend(q, k, v, mask, self.impl, is_causal=is_causal,
+                               context_parallel=self.context_parallel))
 
     def extend(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array, *,
                rotate: Rotate | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -1,4 +1,8 @@
-"""Pre-LayerNorm transformer blocks, with rematerialisation chosen by policy name."""
+"""Pre-LayerNorm transformer blocks, with rematerialisation chosen by policy name.
+
+Options public checkpoints need (defaults are vlm's own): LayerNorm epsilon, the MLP's GELU
+variant (`vlm.nn.mlp.ACTIVATIONS`) and a causal mask (CLIP's text tower).
+"""
 
 from __future__ import annotations
 
@@ -26,17 +30,18 @@ def check_remat(name: str) -> None:
 
 
 class Block(nnx.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)). x: [B, N, D]."""
+    """x + Attn(LN(x)), then x + MLP(LN(x)). x: [B, N, D]. `causal`: token i attends to tokens ≤ i (CLIP text)."""
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, attention_impl: str = "xla",
-                 rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(width, dtype=dtype, rngs=rngs)
+                 norm_eps: float = 1e-6, activation: str = "gelu_tanh", causal: bool = False, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.attn = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
-        self.norm2 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, activation=activation, rngs=rngs)
+        self.causal = causal
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.norm1(x), mask)
+        x = x + self.attn(self.norm1(x), mask, is_causal=self.causal)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -48,13 +53,15 @@ class DividedBlock(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype, attention_impl: str = "xla",
-                 rngs: nnx.Rngs):
-        self.norm_t = LayerNorm(width, dtype=dtype, rngs=rngs)
+                 norm_eps: float = 1e-6, activation: str = "gelu_tanh", causal: bool = False, rngs: nnx.Rngs):
+        if causal:
+            raise ValueError("divided space-time attention has no causal mode; use block='joint'")
+        self.norm_t = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.attn_t = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
-        self.norm_s = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.norm_s = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.attn_s = SelfAttention(width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
-        self.norm2 = LayerNorm(width, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+        self.norm2 = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, dtype=dtype, activation=activation, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         b, t, s, d = x.shape
@@ -81,15 +88,19 @@ class Encoder(nnx.Module):
         remat: str = "none",
         dtype: Dtype = jnp.float32,
         attention_impl: str = "xla",
+        norm_eps: float = 1e-6,
+        activation: str = "gelu_tanh",
+        causal: bool = False,
         rngs: nnx.Rngs,
     ):
         check_remat(remat)
         block_cls = {"joint": Block, "divided": DividedBlock}[block]
         self.blocks = nnx.List([
-            block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+            block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, norm_eps=norm_eps,
+                      activation=activation, causal=causal, rngs=rngs)
             for _ in range(depth)
         ])
-        self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.norm = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.remat = remat
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, logical_axes=("batch", "tokens", "embed")) -> jax.Array:

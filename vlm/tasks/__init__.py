@@ -53,6 +53,8 @@ class Task(Protocol):
 # task name → module in vlm/tasks/ defining `Task`.
 REGISTRY = {
     "contrastive": "vlm.tasks.contrastive",
+    "captioning": "vlm.tasks.captioning",
+    "autoencoding": "vlm.tasks.autoencoding",
 }
 
 

@@ -19,11 +19,21 @@ from vlm import config_checks, sharding
 from vlm.errors import ConfigError
 from vlm.eval import loop as eval_loop
 from vlm.eval import retrieval
-from vlm.models.dual_encoder import DualEncoder
+from vlm.models import text_encoder, video_encoder
+from vlm.models.dual_encoder import PROJECTIONS, DualEncoder
 from vlm.models.text_encoder import TextEncoder
-from vlm.models.video_encoder import VideoEncoder
+from vlm.models.video_encoder import VIDEO_OPTIONS
+from vlm.nn.mlp import ACTIVATIONS
 
 LOSSES = ("softmax", "sigmoid")
+
+# Tower options passed from config.model.video / config.model.text when present (a config.json
+# written before they existed builds the model with the constructors' defaults: vlm's own model).
+TEXT_OPTIONS = ("pool", "causal", "norm_eps", "activation")
+
+
+def _options(tower_config, names) -> dict:
+    return {k: tuple(tower_config[k]) if k.startswith("rgb_") else tower_config[k] for k in names if k in tower_config}
 
 
 def softmax_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
@@ -66,32 +76,32 @@ class Task:
                 f"config.data.vocab_size={c.data.vocab_size} differs from config.model.text.vocab_size="
                 f"{c.model.text.vocab_size}; set both to the tokenizer's vocabulary size"
             )
-        t, p, q = c.model.video.tubelet
-        if c.data.resolution % p or c.data.resolution % q:
-            raise ConfigError(
-                f"config.data.resolution={c.data.resolution} is not divisible by the patch size {p}x{q} "
-                f"(config.model.video.tubelet); pick a multiple of {p}"
-            )
-        if c.model.video.attention not in ("joint", "divided"):
-            raise ConfigError(f"config.model.video.attention={c.model.video.attention!r} is unknown; use joint or divided")
+        video_encoder.check_config(c)
+        choices = {"pool": {"video": video_encoder.POOLS, "text": text_encoder.POOLS},
+                   "activation": {"video": tuple(ACTIVATIONS), "text": tuple(ACTIVATIONS)},
+                   "projection": {"video": PROJECTIONS, "text": PROJECTIONS}}
+        for tower in ("video", "text"):
+            tc = c.model[tower]
+            for key, allowed in choices.items():
+                if key in tc and tc[key] not in allowed[tower]:
+                    raise ConfigError(f"config.model.{tower}.{key}={tc[key]!r} is unknown; choose one of "
+                                      f"{', '.join(allowed[tower])}")
+            if tc.get("projection") == "none" and tc.width != c.model.embed_dim:
+                raise ConfigError(f"config.model.{tower}.projection='none' needs config.model.{tower}.width={tc.width} "
+                                  f"to equal config.model.embed_dim={c.model.embed_dim}")
+        for key in ("rgb_mean", "rgb_std"):
+            values = tuple(c.model.video.get(key, (0.5,) * 3))
+            if len(values) != 3 or (key == "rgb_std" and min(values) <= 0):
+                raise ConfigError(f"config.model.video.{key}={values} needs 3 per-channel values in [0, 1] units"
+                                  + (", all > 0" if key == "rgb_std" else ""))
+        if c.model.text.get("causal", False) and c.model.text.get("pool", "mean") == "mean":
+            raise ConfigError("config.model.text.causal=True needs config.model.text.pool='eot' or 'last' "
+                              "(a mean over causal features weights early tokens more)")
 
     def build_model(self, rngs: nnx.Rngs) -> DualEncoder:
         m, d = self.config.model, self.config.data
         dtype = jnp.dtype(m.dtype)
-        video = VideoEncoder(
-            num_frames=d.num_frames,
-            resolution=d.resolution,
-            tubelet=tuple(m.video.tubelet),
-            width=m.video.width,
-            depth=m.video.depth,
-            num_heads=m.video.num_heads,
-            mlp_dim=m.video.mlp_dim,
-            attention=m.video.attention,
-            remat=m.remat,
-            dtype=dtype,
-            attention_impl=m.attention_impl,
-            rngs=rngs,
-        )
+        video = video_encoder.from_config(self.config, rngs)
         text = TextEncoder(
             vocab_size=m.text.vocab_size,
             max_len=d.max_text_len,
@@ -102,9 +112,12 @@ class Task:
             remat=m.remat,
             dtype=dtype,
             attention_impl=m.attention_impl,
+            **_options(m.text, TEXT_OPTIONS),
             rngs=rngs,
         )
-        return DualEncoder(video, text, m.embed_dim, loss=self.task_config.loss, dtype=dtype, rngs=rngs)
+        projections = {f"{tower}_projection": m[tower].projection for tower in ("video", "text")
+                       if "projection" in m[tower]}
+        return DualEncoder(video, text, m.embed_dim, loss=self.task_config.loss, dtype=dtype, **projections, rngs=rngs)
 
     def features(self, model: DualEncoder, batch, rng) -> dict[str, jax.Array]:
         del rng  # deterministic model
