@@ -43,12 +43,12 @@ STALE_AFTER_S = 600.0
 FIXED = ("model.", "task.", "data.num_frames", "data.resolution", "data.max_text_len", "data.vocab_size",
          "data.tokenizer", "optim.name", "optim.frozen", "optim.lr_multipliers")
 # ... except these, which change how the same model is computed, not what it is (dtype: with a warning).
-FREE_IN_FIXED = ("model.dtype", "model.remat", "model.attention_impl")
+FREE_IN_FIXED = ("model.dtype", "model.remat", "model.attention_impl", "model.context_parallel")
 # Keys that may change without a word: length, cadences, the mesh, where things are, evaluation.
 FREE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "checkpoint.", "mesh.", "sharding_rules",
         "microbatches", "eval_batch_size", "evals", "max_skipped_steps", "init_from.", "data.data_dir",
         "data.worker_count", "data.prefetch", "data.decode_threads", "data.eval_split", "data.eval_size",
-        "model.remat", "model.attention_impl")
+        "model.remat", "model.attention_impl", "model.context_parallel", "metrics.")
 # Every other change (batch_size, seed, optim.lr, data.name, ema, ...) is allowed with a warning.
 
 
