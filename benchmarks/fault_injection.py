@@ -234,9 +234,11 @@ def _values(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
-def _mismatches(workdir, reference: dict) -> int:
+def _mismatches(workdir, reference: dict) -> set[str]:
+    """Rows (as text) of workdir's metrics.jsonl that differ from the reference's row of their step,
+    and malformed lines other than a kill-torn last one."""
     rows, bad = _rows(workdir)
-    return bad + sum(_values(r) != reference.get(_key(r)) for r in rows)
+    return {json.dumps(r) for r in rows if _values(r) != reference.get(_key(r))} | {f"malformed {i}" for i in range(bad)}
 
 
 def _latest_checkpoint(workdir) -> int:
@@ -271,12 +273,13 @@ def run(root, *, kills: int, steps: int = 24, seed: int = 0, cache_dir=None, for
     expected = {_key(r): _values(r) for r in ref_rows}
     rng = np.random.default_rng(seed)
     warm_start_s = None  # seconds from spawn to the first progress line of a resumed process
-    outputs = []
+    outputs, seen_mismatches = [], set()
 
     def check(proc: Process, killed_by_us: bool) -> bool:
         outputs.append(proc.text)
         mismatched = _mismatches(faulty, expected)
-        report.mismatched_rows += mismatched
+        report.mismatched_rows += len(mismatched - seen_mismatches)  # each differing row counted once
+        seen_mismatches.update(mismatched)
         clean = proc.returncode == (-signal.SIGKILL if killed_by_us else 0)
         if not clean:
             log(f"process {report.processes} ended with {proc.returncode}: "
