@@ -26,10 +26,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size = 128  # global
     c.eval_batch_size = 256  # global
     c.microbatches = 1  # gradient accumulation: the batch is processed in this many slices
+    # Rerunning the same command on the same --workdir resumes. On resume these may change: total_steps, the
+    # cadences, mesh, microbatches, evals, checkpoint (batch_size, seed, optim values: with a warning); the
+    # model, task, data shapes and vocabulary may not (one line naming the keys, exit 2; vlm/workdir.py).
     c.log_every = 25
     c.eval_every = 100
     c.checkpoint_every = 200
-    c.checkpoint = dict(keep=3, keep_period=0, async_save=True)  # keep_period: also keep every P-th step (0 = off)
+    # keep ≥ 1 newest checkpoints (a damaged newest one is moved aside to checkpoints/<step>.damaged and the
+    # run resumes from the one before); keep_period: also keep every P-th step (0 = off).
+    c.checkpoint = dict(keep=3, keep_period=0, async_save=True)
 
     # Axis sizes within a slice (-1 fills the remaining devices), and `dcn`: how many slices
     # (TPU multislice) or nodes (GPU clusters) each axis spans; usually dcn.data = #slices.

@@ -53,6 +53,7 @@ import numpy as np
 from absl import flags
 
 from input_pipeline import datasets, latents, synthetic, video
+from input_pipeline.sources import DEFAULTS as _DATA_DEFAULTS
 from input_pipeline.sources import Source, config_error as _config_error, setting, train_sources  # noqa: F401
 from input_pipeline.tokenizer import Tokenizer, get_tokenizer
 
@@ -86,8 +87,36 @@ def _is_built(name: str) -> bool:
     return name != datasets.SYNTHETIC
 
 
+# data key → smallest allowed value (integers). vocab_size: ids 0-3 are pad/unk/bos/eos.
+DATA_INTEGERS = dict(num_frames=1, resolution=1, max_text_len=1, vocab_size=5, train_size=1, eval_size=1,
+                     max_objects=1, worker_count=0, prefetch=0, decode_threads=0)
+
+
+def check_data_values(data_config) -> None:
+    """Ranges and types of the `data` keys, without touching any file: one line naming the key.
+
+    Runs in `vlm.config.validate` (before anything is built or written) and again when a loader is made.
+    Keys a family's data config does not have (a video-only dataset has no max_text_len) are not checked.
+    """
+    for key, low in DATA_INTEGERS.items():
+        if key not in data_config and key not in _DATA_DEFAULTS:
+            continue
+        value = setting(data_config, key) if key in _DATA_DEFAULTS else data_config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _config_error(f"config.data.{key}={value!r} must be an integer ≥ {low}")
+    fps = setting(data_config, "sample_fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps < 0:
+        raise _config_error(f"config.data.sample_fps={fps!r} must be a finite number ≥ 0 (0 = unused)")
+    if not isinstance(setting(data_config, "train_flip"), bool):
+        raise _config_error(f"config.data.train_flip={setting(data_config, 'train_flip')!r} must be True or False")
+    if not isinstance(data_config.name, str) or not data_config.name:
+        raise _config_error(f"config.data.name={data_config.name!r} must name a dataset (\"synthetic\" or one built "
+                            f"with `vlm data build`)")
+
+
 def check_data_config(data_config, sources: list[Source] | None = None) -> None:
     """Checks `data` before any data is read: one line per problem, naming the key and the fix."""
+    check_data_values(data_config)
     sampling = setting(data_config, "sampling")
     if sampling not in video.SAMPLING_MODES:
         raise _config_error(f"config.data.sampling={sampling!r} is unknown; choose one of {', '.join(video.SAMPLING_MODES)}")

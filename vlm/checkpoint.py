@@ -11,12 +11,26 @@ Splitting the state into items lets evaluation and downstream users read the par
 EMA) alone without allocating the optimizer state. Orbax writes each step into a temporary
 directory and renames it when complete, so an interrupted save never replaces the last good one.
 PRNG key arrays (e.g. an `nnx.Rngs` held by a module) are stored as their uint32 key data.
+
+Failures:
+- A damaged checkpoint (a truncated file, a missing item) is found when restoring it:
+  `restore_latest` then tries the next older one, and once one restores, moves the damaged newer
+  ones aside to `<step>.damaged` (one log line each; Orbax ignores such names). If none restores,
+  nothing is moved and `CheckpointError` says why for each: never a silent start from scratch.
+- An asynchronous save runs in Orbax's background threads; its error is kept there until
+  `CheckpointManager.wait_until_finished()` re-raises it (`check_for_errors()` does not: the
+  finalize thread has already consumed it). `check_saves()`, cheap enough for every step, polls
+  `is_saving_in_progress()` and, once the save is over, waits on it: a failure raises `SaveFailed`
+  (one line) at the first step after it. Orbax deletes old steps only after the new one committed,
+  so a failed save never costs an older checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +39,47 @@ from etils import epath
 
 OWN_ITEMS = ("data", "meta")
 LEGACY_TRAIN = "train"  # {"step", "rng"} in checkpoints written before the state became a general dict
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir that has some could be restored; one line, naming each and why."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed (in the background, for async saves); one line naming the step and the cause."""
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: Orbax and TensorStore messages run to pages."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str) else str(error)
+    text = text.split("See full TensorStore details")[0]  # a page of JSON follows
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: dict[str, Any]
+    missing: list[str]  # keys of the abstract state the checkpoint lacks (the caller initialises them)
+    data_iterator: Any
+    saved_by: int  # processes that wrote the checkpoint (each its own data-iterator state)
+
+    @property
+    def resharded(self) -> bool:
+        """The data iterator restarts at the step instead of from the saved per-process states."""
+        return self.saved_by != jax.process_count()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only where every process says True (a damaged file may be one process's)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
 class _IteratorSnapshot:
@@ -85,6 +140,8 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the save that may still be running
+        self._closed = False
 
     def latest_step(self) -> int | None:
         """The newest *complete* checkpoint (unfinished saves are never listed)."""
@@ -106,11 +163,49 @@ class Checkpointer:
             import grain  # here, not at the top: params-only users (eval, benchmarks) need no Grain
 
             items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator))
-        items["meta"] = ocp.args.JsonSave({
-            "step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
-            "state_keys": sorted(state),
-        })
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        items["meta"] = ocp.args.JsonSave(self._meta(step, state))
+        self.wait()  # the previous save: its failure is reported as its own
+        self._saving = step
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:
+            raise self._failed(step, e) from e
+
+    def _meta(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
+        return {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "state_keys": sorted(state)}
+
+    def _failed(self, step: int, error: BaseException) -> SaveFailed:
+        """The error to raise for a failed save; the manager is closed (its threads finish their
+        work first: a process exiting under them prints their tracebacks)."""
+        self._saving = None
+        try:
+            self.manager.reload()
+            latest = self.manager.latest_step()
+            self.manager.close()
+        except Exception:  # the storage itself may be what failed
+            latest = None
+        self._closed = True
+        if latest is None:
+            return SaveFailed(f"saving checkpoint {step} failed: {one_line(error)}; the run stopped before its first "
+                              f"checkpoint; the same command starts it again")
+        return SaveFailed(f"saving checkpoint {step} failed: {one_line(error)}; the run stopped; the last complete "
+                          f"checkpoint is step {latest} in {self.directory}, from which the same command resumes")
+
+    def check_saves(self) -> None:
+        """Raises SaveFailed if the last save failed; returns at once while it is still running.
+
+        Cheap (a flag under a lock), so the loop calls it after every step."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Waits for the running save; raises SaveFailed if it failed."""
+        step, self._saving = self._saving, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(step, e) from e
 
     def restore(self, step: int, abstract_state: dict[str, Any], shardings: dict[str, Any], data_iterator=None
                 ) -> tuple[dict[str, Any], list[str]]:
@@ -139,10 +234,65 @@ class Checkpointer:
         state = {k: _data_to_keys(v, abstract_state[k]) for k, v in state.items()}
         return state, [k for k in abstract_state if k not in state]
 
-    def saved_process_count(self, step: int) -> int:
-        """How many processes wrote checkpoint `step` (each wrote its own data-iterator file)."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return int(meta["process_count"])
+    def restore_latest(self, abstract_state: dict[str, Any], shardings: dict[str, Any],
+                       data_iterator: Callable[[int], Any], log: Callable[[str], None] = print) -> Restored | None:
+        """The newest checkpoint that restores, or None when there is none at all.
+
+        `data_iterator(start_batch)` makes a fresh iterator: from batch 0 to be restored in place, or
+        from the checkpoint's step when it was written by another number of processes. Checkpoints
+        newer than the one restored are damaged: each is moved aside (`move_aside`) with one log line.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            restored, reason = None, None
+            try:
+                meta = self.meta(step)
+                saved_by = int(meta["process_count"])
+                lost = sorted(set(meta.get("state_keys", ())) - self.items(step))  # saved, but gone
+                if lost:
+                    reason = f"its item(s) {', '.join(lost)} are missing"
+            except Exception as e:
+                reason = f"meta: {one_line(e)}"
+            if reason is None:
+                resharded = saved_by != jax.process_count()
+                iterator = data_iterator(step if resharded else 0)  # an error here is not the checkpoint's
+                try:
+                    state, missing = self.restore(step, abstract_state, shardings, None if resharded else iterator)
+                    restored = Restored(step, state, missing, iterator, saved_by)
+                except Exception as e:
+                    reason = one_line(e)
+            if not _all_ok(reason is None):
+                failed.append((step, reason or "failed on another process"))
+                continue
+            for bad, why in failed:
+                log(f"checkpoint {bad} is damaged ({why}); moved it to {self.move_aside(bad)}; resuming from {step}")
+            return restored
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be restored ({'; '.join(f'{s}: {r}' for s, r in failed)}); "
+                f"nothing was moved or deleted; fix or move them away to start over")
+        return None
+
+    def move_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to `<step>.damaged` (`.damaged.1`, ... if taken); returns the new path."""
+        root = epath.Path(self.directory)
+        target = root / f"{step}.damaged"
+        n = 0
+        while target.exists():
+            n += 1
+            target = root / f"{step}.damaged.{n}"
+        if jax.process_index() == 0:
+            (root / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vlm_move_aside_{step}")
+        self.manager.reload()
+        return str(target)
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """Checkpoint `step`'s own record: {"step", "process_count", "device_count", "state_keys"}."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def resolve_step(self, step: int | None) -> int:
         """`step`, or the latest complete one; a clear error when there is none."""
@@ -161,9 +311,8 @@ class Checkpointer:
         )
         return restored[item], step
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if not self._closed:
+            self.wait()
+            self.manager.close()
+            self._closed = True

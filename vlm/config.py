@@ -1,4 +1,9 @@
-"""Config checks that run before anything is built or compiled: one line per error."""
+"""Config checks that run before anything is built, compiled or written: one line per error.
+
+`validate` checks the trainer's keys here, `config.optim` in `optim.check_config`, `config.data` in
+`input_pipeline.pipeline.check_data_values`, and the model and task keys in the task's `validate()`
+(run by `tasks.get`); the checks themselves are the one-liners of `config_checks.py`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 
 import ml_collections
 
+from vlm import config_checks as check
 from vlm import sharding
 from vlm.errors import ConfigError  # noqa: F401  (re-exported: callers catch vlm.config.ConfigError)
 
@@ -29,8 +35,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if missing:
         raise ConfigError(f"config is missing {', '.join(missing)}; every config file defines {', '.join(REQUIRED_KEYS)}")
     for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-        if int(config[key]) <= 0:
-            raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+        if not check.is_int(config[key]) or config[key] <= 0:
+            raise ConfigError(f"config.{key}={config[key]!r} must be a positive integer")
+    check.integer(config, "seed", low=0)
+    for key in ("eval_batch_size", "microbatches"):
+        if key in config:
+            check.integer(config, key, low=1)
+    if "checkpoint" in config:
+        # keep ≥ 1: retention can never delete the newest checkpoint (Orbax deletes old steps only
+        # after a newer save has committed).
+        check.integer(config, "checkpoint.keep", low=1)
+        check.integer(config, "checkpoint.keep_period", low=0)
+        check.boolean(config, "checkpoint.async_save")
+    _check_sharding_rules(config.get("sharding_rules") or ())
     try:
         sizes = sharding.axis_sizes(config.mesh, num_devices)
     except sharding.MeshError as e:
@@ -70,6 +87,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={config.model.dtype!r} is unknown; use float32 or bfloat16")
     _validate_trainer_keys(config)
+    from input_pipeline import pipeline
+    from vlm import optim
+
+    optim.check_config(config)
+    pipeline.check_data_values(config.data)
     from vlm import tasks
     from vlm.eval import evaluators
 
@@ -79,18 +101,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def _validate_trainer_keys(config) -> None:
     ema = config.get("ema") or {}
-    decay = float(ema.get("decay", 0.0))
-    if not 0.0 <= decay < 1.0:
-        raise ConfigError(f"config.ema.decay={decay} must be in [0, 1) (0 = no EMA; e.g. 0.9999)")
-    if int(ema.get("start_step", 0)) < 0:
-        raise ConfigError(f"config.ema.start_step={ema.get('start_step')} must be ≥ 0")
-    if int(config.get("max_skipped_steps", 10)) < 1:
-        raise ConfigError(f"config.max_skipped_steps={config.get('max_skipped_steps')} must be ≥ 1")
+    decay = ema.get("decay", 0.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ConfigError(f"config.ema.decay={decay!r} must be in [0, 1) (0 = no EMA; e.g. 0.9999)")
+    start = ema.get("start_step", 0)
+    if not check.is_int(start) or start < 0:
+        raise ConfigError(f"config.ema.start_step={start!r} must be an integer ≥ 0")
+    skips = config.get("max_skipped_steps", 10)
+    if not check.is_int(skips) or skips < 1:
+        raise ConfigError(f"config.max_skipped_steps={skips!r} must be an integer ≥ 1")
     init = config.get("init_from") or {}
     unknown = sorted(set(init) - set(TRAINER_DEFAULTS["init_from"]))
     if unknown:
         raise ConfigError(f"config.init_from has unknown key(s) {', '.join(unknown)}; "
                           f"its keys: {', '.join(TRAINER_DEFAULTS['init_from'])}")
+    if init:
+        if not isinstance(init.get("workdir", ""), str):
+            raise ConfigError(f"config.init_from.workdir={init['workdir']!r} must be a path (\"\" = off)")
+        check.integer(config, "init_from.step", low=-1)
+        check.boolean(config, "init_from.strict")
+        check.boolean(config, "init_from.use_ema")
+
+
+def _check_sharding_rules(rules) -> None:
+    """[[logical axis, mesh axis | [mesh axes] | None], ...]; mesh axes from sharding.MESH_AXES."""
+    for rule in rules:
+        ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+        axes = rule[1] if ok else None
+        axes = axes if isinstance(axes, (list, tuple)) else () if axes is None else (axes,)
+        if not ok or any(a not in sharding.MESH_AXES for a in axes):
+            raise ConfigError(f"config.sharding_rules entry {rule!r} must be [logical axis, mesh axis or [axes] or None] "
+                              f"with mesh axes from {', '.join(sharding.MESH_AXES)}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

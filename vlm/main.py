@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -86,8 +87,11 @@ flags.DEFINE_integer("chunk_size", 256, "data encode: clips per work chunk (the 
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2, *, now: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if now:  # skip the interpreter's shutdown: threads still writing would print tracebacks from it
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -104,6 +108,10 @@ def main(argv: list[str]) -> None:
 
     if not FLAGS["verbosity"].present:  # Orbax logs every file it renames at INFO; -v 0 brings it back
         logging.set_verbosity(logging.WARNING)
+        # Orbax also logs a failed save or restore, with tracebacks, from each thread involved; the
+        # failure reaches us as an exception and is reported as one line (-v 0 shows them).
+        logging.get_absl_logger().addFilter(lambda record: record.levelno < 40 or  # 40: Python's ERROR
+                                            "/orbax/" not in record.pathname.replace("\\", "/"))
 
     command = " ".join(argv[1:3]) if argv[1:2] in (["tokenizer"], ["data"]) else " ".join(argv[1:2])
     if command not in COMMANDS:
@@ -173,12 +181,30 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
-    except Exception:
+    except Exception as e:
+        code = _run_error_code(e)
+        if code is not None:
+            # After a failed save, Orbax's writes of the other items may still be in flight.
+            _fail(str(e), code, now=type(e).__name__ == "SaveFailed")
         # Every process logs its own error (the console of process 0 is not enough on a pod).
         import jax
 
         logging.exception("process %d of %d failed", jax.process_index(), jax.process_count())
         raise
+
+
+# One-line errors of a training run: workdir in use (2), a failed save or no restorable checkpoint (1).
+RUN_ERRORS = (("vlm.workdir", "WorkdirBusy", 2), ("vlm.checkpoint", "SaveFailed", 1),
+              ("vlm.checkpoint", "CheckpointError", 1))
+
+
+def _run_error_code(error: BaseException) -> int | None:
+    """The exit code of a RUN_ERRORS error, else None (their modules are not imported to ask: an error
+    of a module nobody imported cannot have happened)."""
+    for module, name, code in RUN_ERRORS:
+        if module in sys.modules and isinstance(error, getattr(sys.modules[module], name)):
+            return code
+    return None
 
 
 def _data_build() -> None:

@@ -39,6 +39,31 @@ def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def truncate_rows(path: epath.Path, last_step: int) -> int:
+    """Drops the rows of a metrics.jsonl past `last_step` and any torn line (a write cut by a kill),
+    by writing the kept rows to a new file and renaming it over the old one: a kill during this
+    leaves either file whole. Returns the number of lines dropped."""
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped or (text and not text.endswith("\n")):  # also a whole last row cut before its newline
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
+
+
 WRITERS = ("tensorboard", "wandb", "mlflow")
 DEFAULT_WRITERS = ("tensorboard",)
 
@@ -61,10 +86,16 @@ def writer_names(config) -> tuple[str, ...]:
 class MetricWriter:
     """Console progress line, W/metrics.jsonl and the config's sinks (TensorBoard, trackers),
     all from one `write` call. `config` gives `config.metrics.writers` (default: TensorBoard);
-    `tensorboard=False` leaves TensorBoard out whatever the config says."""
+    `tensorboard=False` leaves TensorBoard out whatever the config says.
+
+    A run that resumes from the checkpoint of step `resume_step` first drops the rows written after
+    that step by the run that stopped (they are written again, the same), so metrics.jsonl holds one
+    row per logged step and evaluation; TensorBoard hides those events (`purge_step`). The trainer
+    evaluates before it checkpoints, so every row up to a checkpoint's step exists when it resumes.
+    """
 
     def __init__(self, workdir: str | None, total_steps: int, *, enabled: bool | None = None, tensorboard: bool = True,
-                 config=None):
+                 config=None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
         self._jsonl = None
@@ -74,11 +105,14 @@ class MetricWriter:
         if self.enabled and workdir:
             root = epath.Path(workdir)  # local or a bucket (gs://...)
             root.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_rows(root / "metrics.jsonl", resume_step)
             self._jsonl = (root / "metrics.jsonl").open("a")
             if tensorboard and "tensorboard" in names:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(root / "tensorboard"))
+                purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+                self._tb = SummaryWriter(str(root / "tensorboard"), **purge)
             if any(n != "tensorboard" for n in names):
                 from vlm import tracking
 

@@ -22,6 +22,29 @@ SCHEDULES = ("cosine", "linear", "constant")
 FROZEN = "frozen"  # group label of frozen parameters
 
 
+def check_config(config) -> None:
+    """`config.optim`'s values (ranges, enums, finite numbers, valid regexes): one line each, before building."""
+    from vlm import config_checks as check
+
+    check.one_of(config, "optim.name", ("adamw",))
+    check.number(config, "optim.lr", low=0.0, low_open=True)
+    check.integer(config, "optim.warmup_steps", low=0)
+    check.one_of(config, "optim.schedule", SCHEDULES)
+    check.number(config, "optim.end_lr_ratio", low=0.0, high=1.0)
+    check.number(config, "optim.b1", low=0.0, high=1.0, high_open=True)
+    check.number(config, "optim.b2", low=0.0, high=1.0, high_open=True)
+    check.number(config, "optim.eps", low=0.0, low_open=True)
+    check.number(config, "optim.weight_decay", low=0.0)
+    check.number(config, "optim.grad_clip_norm", low=0.0)  # 0 = no clipping
+    c = config.optim
+    _regexes(c.get("frozen", ()) or (), "frozen")
+    for entry in tuple(c.get("lr_multipliers", ()) or ()):
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or isinstance(entry[1], bool)
+                or not isinstance(entry[1], (int, float)) or not math.isfinite(entry[1]) or entry[1] < 0):
+            raise ConfigError(f"config.optim.lr_multipliers entry {entry!r} must be (regex, factor ≥ 0)")
+        _regexes([entry[0]], "lr_multipliers")
+
+
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine / linear decay to `lr * end_lr_ratio`, or constant."""
     c = optim_config
@@ -55,6 +78,8 @@ def path_name(path) -> str:
 def _regexes(entries, key: str) -> list[re.Pattern]:
     out = []
     for pattern in entries:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"config.optim.{key}: {pattern!r} must be a regex string")
         try:
             out.append(re.compile(pattern))
         except re.error as e:

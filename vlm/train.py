@@ -1,8 +1,10 @@
 """The one training loop, the same for every task.
 
-Reads top to bottom: config check → mesh → data → abstract model → shardings → jitted init (or
-restore, or init from another run) → jitted step → loop with logging, evaluators and checkpoints.
-The state is the dict of `train_state.py`; gradients come from `accumulation.py`.
+Reads top to bottom: config check → workdir lock and resume check → mesh → abstract model →
+shardings → jitted init (or restore of the newest intact checkpoint, or init from another run) →
+config.json → jitted step → loop with logging, evaluators and checkpoints. The state is the dict of
+`train_state.py`; gradients come from `accumulation.py`; the lock and the resume check are in
+`workdir.py`, damaged checkpoints and failed saves in `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vlm import accumulation, init_from, optim, run_tokenizer, sharding, tasks, 
 from vlm import checkpoint as checkpoint_lib
 from vlm import config as config_lib
 from vlm import metrics as metrics_lib
+from vlm import workdir as workdir_lib
 from vlm.errors import TrainingDiverged
 from vlm.eval import evaluators as evaluators_lib
 from vlm.flops import model_flops_per_step
@@ -143,17 +146,6 @@ def pipeline_counters(local_batch: dict) -> dict[str, float]:
     return {k: float(v) for k, v in counters.items()}
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() != 0:
-        return
-    # epath: the workdir may be a bucket (gs://...), as on a pod.
-    path = epath.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / "config.json.tmp"
-    tmp.write_text(config_lib.to_json(config))
-    tmp.replace(path)
-
-
 def create_checkpointer(config, workdir: str) -> checkpoint_lib.Checkpointer:
     c = config.checkpoint
     return checkpoint_lib.Checkpointer(
@@ -169,54 +161,67 @@ def _log(message: str) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: int | None = None) -> dict[str, float]:
     """Trains (or resumes) in `workdir`. Returns the last logged train and eval metrics.
 
-    `exit_after_step` stops this run after that step (checkpointing it), as a preemption would.
-    Raises TrainingDiverged after `config.max_skipped_steps` consecutive non-finite steps.
+    Before anything is built: the config is checked (ConfigError), the workdir locked (WorkdirBusy
+    while another live run holds it) and, when resuming, the saved config compared with this one
+    (ConfigError naming the keys that may not change); W/config.json is written only after the
+    restore. `exit_after_step` stops this run after that step (checkpointing it), as a preemption
+    would. Raises TrainingDiverged after `config.max_skipped_steps` consecutive non-finite steps,
+    SaveFailed when a checkpoint cannot be written, CheckpointError when none of W's checkpoints restores.
     """
+    config_lib.validate(config, jax.device_count())
+    with workdir_lib.Lock(workdir) as lock:
+        if lock.taken_over:
+            _log(f"workdir lock of a run that is gone ({lock.describe(lock.taken_over)}) taken over")
+        for line in workdir_lib.check_resume(config, workdir):
+            _log(line)
+        return _train(config, workdir, exit_after_step)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int | None) -> dict[str, float]:
     from input_pipeline import pipeline
 
-    config_lib.validate(config, jax.device_count())
     mesh = sharding.create_mesh(config.mesh)
     setup = build(config, mesh)
     evaluators = evaluators_lib.from_config(config, setup.task)
     checkpointer = create_checkpointer(config, workdir)
-    start_step = checkpointer.latest_step()
     init_plan = None
-    if start_step is None and config.init_from.workdir:  # metadata only: a bad mapping fails before compiling
+    if not checkpointer.all_steps() and config.init_from.workdir:  # metadata only: fails before compiling
         init_plan = init_from.plan(config.init_from, setup.abstract_state["params"])
     config = run_tokenizer.save_to_workdir(config, workdir)  # W/tokenizer.model; its sha256 in config.json
-    _write_config(config, workdir)
-    writer = metrics_lib.MetricWriter(workdir, config.total_steps, config=config)
     preempted = PreemptionFlag()
     timer, pending_skips = None, None
     last: dict[str, float] = {}
-    # Each process saved its own iterator state, which cannot be re-divided among a different number
-    # of processes. The global batch stream does not depend on the process count, so then the stream
-    # restarts at the checkpoint's step instead: the same batches the original run would have read.
-    saved_by = checkpointer.saved_process_count(start_step) if start_step is not None else jax.process_count()
-    reshard_data = saved_by != jax.process_count()
-    data_iter = pipeline.create_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_batch=start_step if reshard_data else 0,
-    )
+
+    def data_iterator(start_batch: int):
+        return pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                              start_batch=start_batch)
+
     with sharding.use_mesh(mesh, setup.rules), preempted:
-        if start_step is None:
-            state = setup.init()
-            start_step = 0
+        # The newest checkpoint that restores; damaged newer ones are moved aside (one line each).
+        restored = checkpointer.restore_latest(setup.abstract_state, setup.state_shardings, data_iterator, log=_log)
+        if restored is None:
+            data_iter, state, start_step = data_iterator(0), setup.init(), 0
             if init_plan is not None:
                 state["params"] = init_from.apply(init_plan, state["params"], setup.state_shardings["params"])
                 if "ema" in state:
                     state["ema"] = jax.tree.map(jnp.copy, state["params"])
                 _log(init_plan.summary())
         else:
-            state, missing = checkpointer.restore(start_step, setup.abstract_state, setup.state_shardings,
-                                                  None if reshard_data else data_iter)
-            state = train_state.fill_missing(state, missing, setup.abstract_state, setup.state_shardings)
-            if reshard_data:
-                _log(f"checkpoint {start_step} was written by {saved_by} processes, this run has "
+            data_iter, start_step = restored.data_iterator, restored.step
+            state = train_state.fill_missing(restored.state, restored.missing, setup.abstract_state,
+                                             setup.state_shardings)
+            # Each process saved its own iterator state, which cannot be re-divided among a different
+            # number of processes. The global batch stream does not depend on the process count, so
+            # then the stream restarts at the checkpoint's step: the batches the original run read.
+            if restored.resharded:
+                _log(f"checkpoint {start_step} was written by {restored.saved_by} processes, this run has "
                      f"{jax.process_count()}: model and optimizer state restored; the data iterator is "
                      f"re-sharded from global batch {start_step} (the same batches the original run would "
                      f"have read)")
             _log(f"resumed from {checkpointer.directory}/{start_step}")
+        workdir_lib.write_config(config, workdir)
+        # Rows a stopped run wrote after its last checkpoint are dropped: they are written again.
+        writer = metrics_lib.MetricWriter(workdir, config.total_steps, config=config, resume_step=start_step)
         for step in range(start_step, config.total_steps):
             local_batch = next(data_iter)
             batch = sharding.global_batch(local_batch, mesh)
@@ -227,6 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
             if step == start_step:  # time steps after the compile
                 jax.block_until_ready(step_metrics)
                 timer.start(done)
+            checkpointer.check_saves()  # a failed background save stops the run here (SaveFailed)
             # The guard's verdict on the previous step, read one step late so the device stays busy.
             if pending_skips is not None:
                 _check_skips(int(pending_skips), done - 1, config.max_skipped_steps, checkpointer)
@@ -238,18 +244,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
                 last.update(host)
                 writer.write(done, {**host, **speed}, eta_s=eta)
             was_preempted = preempted.is_set()
+            # Evaluate before checkpointing: a checkpoint of step N means every row up to N is written.
+            due = [] if was_preempted else [e for e in evaluators if e.due(done, config.total_steps)]
+            if due:
+                eval_metrics = evaluators_lib.run(due, setup.eval_model(state), mesh=mesh, step=done, workdir=workdir)
+                last.update(eval_metrics)
+                writer.write(done, eval_metrics)
+                timer.start(done)  # eval time is not train time
             if (done % config.checkpoint_every == 0 or done == config.total_steps or done == exit_after_step
                     or was_preempted):
                 checkpointer.save(done, state, data_iter)
             if was_preempted:
                 _log(f"preempted (SIGTERM): checkpointed step {done}; the same command resumes")
                 break
-            due = [e for e in evaluators if e.due(done, config.total_steps)]
-            if due:
-                eval_metrics = evaluators_lib.run(due, setup.eval_model(state), mesh=mesh, step=done, workdir=workdir)
-                last.update(eval_metrics)
-                writer.write(done, eval_metrics)
-                timer.start(done)  # eval time is not train time
             if exit_after_step is not None and done >= exit_after_step:
                 break
         if pending_skips is not None and not preempted.is_set():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vlm import sharding
+from vlm import config_checks, sharding
 from vlm.errors import ConfigError
 from vlm.eval import loop as eval_loop
 from vlm.eval import retrieval
@@ -81,6 +81,12 @@ class Task:
     def validate(self) -> None:
         """Checks of this task's keys; one line each, before anything compiles."""
         c = self.config
+        for tower in ("video", "text"):  # sizes ≥ 1, width divisible by num_heads
+            config_checks.transformer(c, f"model.{tower}")
+        config_checks.integer(c, "model.embed_dim", low=1)
+        config_checks.integer(c, "model.text.vocab_size", low=1)
+        config_checks.integers(c, "model.video.tubelet", 3)
+        config_checks.number(c, "task.max_logit_scale", low=0.0, low_open=True)
         if c.task.loss not in LOSSES:
             raise ConfigError(f"config.task.loss={c.task.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
         if c.data.vocab_size != c.model.text.vocab_size:
