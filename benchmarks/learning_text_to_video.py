@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/vlm_t2v")
     parser.add_argument("--dit_minutes", type=float, default=30.0)
     parser.add_argument("--dit_steps", type=int, default=0, help="DiT total_steps (0: the config's)")
+    parser.add_argument("--de_workdir", default="", help="a finished `configs/dual_encoder.py:tiny` run to reuse")
+    parser.add_argument("--vae_workdir", default="", help="a finished `configs/video_vae.py:tiny` run to reuse")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
     root = args.root
@@ -75,6 +77,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["VLM_DATA_DIR"] = os.path.join(root, "data")
     de, vae, dit = (os.path.join(root, n) for n in ("de", "vae", "dit"))
+    de, vae = args.de_workdir or de, args.vae_workdir or vae  # reused runs: their own wall time is listed
     times = [
         stage("de", vlm("train", "--config=configs/dual_encoder.py:tiny", f"--workdir={de}"), env, finished(de)),
         stage("vae", vlm("train", "--config=configs/video_vae.py:tiny", f"--workdir={vae}"), env, finished(vae)),
@@ -91,6 +94,11 @@ def main() -> None:
     times.append(stage("sample", vlm("sample", f"--workdir={dit}", f"--prompt={PROMPT}", f"--out={out}"), env, False))
 
     print("\nstage wall times:")
+    for name, workdir in (("de", de), ("vae", vae)):
+        rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        stamps = [r["time"] for r in rows if "time" in r]
+        if stamps:
+            print(f"  {name} run {workdir}: {max(stamps) - min(stamps):.0f} s from its first to its last metrics row")
     for t in times:
         print(f"  {t['stage']:<7} " + ("kept" if t["seconds"] is None else f"{t['seconds']:.0f} s (load {t['load'][0]} → {t['load'][1]})"))
     rows = [json.loads(line) for line in open(os.path.join(dit, "metrics.jsonl"))]
