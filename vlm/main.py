@@ -5,6 +5,7 @@
   vlm caption --workdir=W a.mp4 [b.mp4 ...] [--decode=greedy|beam|sample] [--beam_size=4] [--step=N]
   vlm tokenizer train --input=captions.txt --vocab_size=N --output=PREFIX
   vlm data build --manifest=manifest.jsonl --data_dir=DIR --name=NAME [--max_short_side=256 ...]
+  vlm sample --workdir=W --prompt="..." --out=x.mp4 [--num_frames --steps --cfg --seed --sampler]
   vlm convert --from=HF_DIR --kind=clip|siglip --output=EXPORT_DIR [--num_frames=8 --tubelet_frames=2]
   vlm export --workdir=W --output=D [--step=N] [--dtype=bfloat16] [--format=safetensors|stablehlo]
   vlm embed --workdir=W|--export=D [--name=NAME --split=S --data_dir=DIR | --manifest=M] --output=O
@@ -21,8 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "eval", "caption", "tokenizer train", "data build", "data encode", "convert", "export", "embed",
-            "retrieve", "reconstruct")
+COMMANDS = ("train", "eval", "caption", "sample", "tokenizer train", "data build", "data encode", "convert", "export",
+            "embed", "retrieve", "reconstruct")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -54,7 +55,14 @@ flags.DEFINE_string("beam_pipeline_options", None,
                     "data build: build on Apache Beam, e.g. 'runner=DirectRunner,direct_num_workers=4'.")
 flags.DEFINE_string("from", None, "convert: a Hugging Face checkpoint folder (config.json + model.safetensors).")
 flags.DEFINE_enum("kind", None, ["clip", "siglip"], "convert: the checkpoint's model family.")
-flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions).")
+flags.DEFINE_integer("num_frames", 8, "convert: frames per clip the video tower is built for (temporal positions); "
+                     "sample: frames to generate (1 + 4k; default: the latent cache's clips).")
+flags.DEFINE_string("prompt", None, "sample: the text to generate a video for.")
+flags.DEFINE_string("out", None, "sample, reconstruct: the output video (.mp4; sample also writes a .gif beside it).")
+flags.DEFINE_integer("steps", 0, "sample: ODE steps (default: config.task.sample_steps).")
+flags.DEFINE_float("cfg", None, "sample: classifier-free guidance scale (default: config.task.guidance).")
+flags.DEFINE_integer("seed", 0, "sample: noise seed; data encode: seed of the samples (--latents=sample).")
+flags.DEFINE_string("sampler", "", "sample: euler | heun (default: config.task.sampler).")
 flags.DEFINE_integer("tubelet_frames", 2, "convert: frames per tubelet the image patch embedding is inflated over.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "export: the stored parameters' dtype.")
 flags.DEFINE_enum("format", "safetensors", ["safetensors", "stablehlo"],
@@ -67,7 +75,6 @@ flags.DEFINE_string("index", None, "retrieve: the --output folder of `vlm embed`
 flags.DEFINE_string("text", None, "retrieve: a text query (searches the videos).")
 flags.DEFINE_string("video", None, "retrieve: a video or image file as the query (searches the captions).")
 flags.DEFINE_integer("k", 10, "retrieve: how many results.")
-flags.DEFINE_string("out", None, "reconstruct: the output video (.mp4, or .gif).")
 flags.DEFINE_integer("resolution", 0, "reconstruct: shorter side resized to this and a centre square crop (0 = native).")
 flags.DEFINE_string("vae_workdir", None, "data encode: the video autoencoder run (configs/video_vae.py) that encodes.")
 flags.DEFINE_string("dataset", None, "data encode: the source dataset's name (else --config's data, else the VAE run's).")
@@ -77,7 +84,6 @@ flags.DEFINE_integer("max_examples", 0, "data encode: at most this many clips pe
 flags.DEFINE_enum("latents", "posterior", ["posterior", "sample"],
                   "data encode: store the posterior (mean and std) or one sample z = mean + std * eps per clip.")
 flags.DEFINE_integer("chunk_size", 256, "data encode: clips per work chunk (the unit of resuming and sharding).")
-flags.DEFINE_integer("seed", 0, "data encode: seed of the samples (--latents=sample).")
 FLAGS = flags.FLAGS
 
 
@@ -144,6 +150,13 @@ def main(argv: list[str]) -> None:
         elif command == "data build":
             _require("manifest", "data_dir", "name")
             _data_build()
+        elif command == "sample":
+            _require("workdir", "prompt", "out")
+            from vlm.tasks import diffusion
+
+            print(diffusion.sample_to_file(
+                FLAGS.workdir, FLAGS.prompt, FLAGS.out, num_frames=FLAGS.num_frames if FLAGS["num_frames"].present else 0,
+                steps=FLAGS.steps, guidance=FLAGS.cfg, seed=FLAGS.seed, sampler=FLAGS.sampler), flush=True)
         elif command == "convert":
             _require("from", "kind", "output")
             from vlm import convert

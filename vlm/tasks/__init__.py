@@ -55,6 +55,7 @@ REGISTRY = {
     "contrastive": "vlm.tasks.contrastive",
     "captioning": "vlm.tasks.captioning",
     "autoencoding": "vlm.tasks.autoencoding",
+    "diffusion": "vlm.tasks.diffusion",
 }
 
 

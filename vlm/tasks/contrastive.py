@@ -36,6 +36,24 @@ def _options(tower_config, names) -> dict:
     return {k: tuple(tower_config[k]) if k.startswith("rgb_") else tower_config[k] for k in names if k in tower_config}
 
 
+def build_text_tower(model_config, max_len: int, rngs: nnx.Rngs) -> TextEncoder:
+    """The text tower of `config.model.text` (shared with tasks that condition on it, e.g. diffusion)."""
+    m = model_config
+    return TextEncoder(
+        vocab_size=m.text.vocab_size,
+        max_len=max_len,
+        width=m.text.width,
+        depth=m.text.depth,
+        num_heads=m.text.num_heads,
+        mlp_dim=m.text.mlp_dim,
+        remat=m.remat,
+        dtype=jnp.dtype(m.dtype),
+        attention_impl=m.attention_impl,
+        **_options(m.text, TEXT_OPTIONS),
+        rngs=rngs,
+    )
+
+
 def softmax_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
     """Symmetric InfoNCE. video_emb, text_emb: unit-norm [B, E]; pair i matches pair i."""
     logits = logit_scale * text_emb @ video_emb.T  # [B(text), B(video)]
@@ -102,19 +120,7 @@ class Task:
         m, d = self.config.model, self.config.data
         dtype = jnp.dtype(m.dtype)
         video = video_encoder.from_config(self.config, rngs)
-        text = TextEncoder(
-            vocab_size=m.text.vocab_size,
-            max_len=d.max_text_len,
-            width=m.text.width,
-            depth=m.text.depth,
-            num_heads=m.text.num_heads,
-            mlp_dim=m.text.mlp_dim,
-            remat=m.remat,
-            dtype=dtype,
-            attention_impl=m.attention_impl,
-            **_options(m.text, TEXT_OPTIONS),
-            rngs=rngs,
-        )
+        text = build_text_tower(m, d.max_text_len, rngs)
         projections = {f"{tower}_projection": m[tower].projection for tower in ("video", "text")
                        if "projection" in m[tower]}
         return DualEncoder(video, text, m.embed_dim, loss=self.task_config.loss, dtype=dtype, **projections, rngs=rngs)
