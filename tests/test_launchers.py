@@ -8,8 +8,6 @@ No cloud tools are needed; everything runs in well under a second or two.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import os
 import shlex
 import shutil
@@ -23,60 +21,8 @@ import pytest
 
 from launch import common, gke, slurm, tpu
 
-REPO = Path(__file__).resolve().parent.parent
-# Arguments that need quoting: a space, both quote characters, `$`, parentheses, a glob, unicode.
-TRICKY = [
-    "--config.data.name=my data",
-    "--config.task.loss=it's",
-    '--config.data.tokenizer=/a "b"/spm.model',
-    "--config.model.video.tubelet=(2,16,16)",
-    "--config.data.data_dir=$HOME/data*",
-    "--config.optim.name=adämw",
-]
-TRAIN = ["vlm", "train", "--config=configs/dual_encoder.py:B/16", "--workdir=gs://bucket/runs/de"]
-
-
-def launch(module, *argv: str) -> tuple[int, str, str]:
-    """Runs a launcher's main in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = module.main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
-
-
-def commands(script: str) -> list[str]:
-    """The command lines of a dry-run script (no comments, no `set`)."""
-    return [l for l in script.splitlines() if l and not l.startswith("#") and l != "set -eu"]
-
-
-def bash_syntax_ok(text: str) -> None:
-    proc = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def fake_program(bin_dir: Path, name: str, body: str) -> None:
-    """A Python program `name` on bin_dir; `body` sees argv, env and RECORD (a JSON-lines file)."""
-    path = bin_dir / name
-    path.write_text(
-        f"#!{sys.executable}\nimport json, os, sys\nargv = sys.argv[1:]\nenv = dict(os.environ)\n"
-        "def record(**kw):\n"
-        "    with open(env['RECORD'], 'a') as f:\n"
-        "        f.write(json.dumps(kw) + '\\n')\n" + body
-    )
-    path.chmod(0o755)
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-
-
-def assert_one_line_error(module, argv, expected: str) -> None:
-    rc, out, err = launch(module, *argv)
-    assert rc == 2 and out == ""
-    prog = module.PROG
-    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1, err
-    assert expected in err, err
-
+from tests.launcher_helpers import (REPO, TRAIN, TRICKY, assert_one_line_error, bash_syntax_ok, commands, fake_program,
+                                     launch, records)
 
 # --- shared quoting and YAML --------------------------------------------------------------------------------
 
@@ -484,116 +430,6 @@ def test_gke_without_dry_run_pipes_the_manifest_to_kubectl(tmp_path, monkeypatch
 ])
 def test_gke_input_errors_are_one_line(argv, expected):
     assert_one_line_error(gke, [*argv, "--dry_run", "--", *TRAIN], expected)
-
-
-# --- SLURM -------------------------------------------------------------------------------------------------------
-
-def test_slurm_script_one_process_per_node():
-    rc, out, err = launch(slurm, "--nodes=4", "--gpus_per_node=8", "--partition=gpu", "--account=proj",
-                          "--time=2-00:00:00", "--cpus_per_task=32", "--exclusive", "--job_name=de-b16",
-                          "--preamble=source ~/vlm_venv/bin/activate", "--env=NCCL_DEBUG=WARN", "--dry_run",
-                          "--", *TRAIN, "--config.data.name=my data")
-    assert rc == 0 and err == ""
-    bash_syntax_ok(out)
-    lines = out.splitlines()
-    assert [l for l in lines if l.startswith("#SBATCH")] == [
-        "#SBATCH --job-name=de-b16", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-        "#SBATCH --cpus-per-task=32", "#SBATCH --time=2-00:00:00", "#SBATCH --partition=gpu",
-        "#SBATCH --account=proj", "#SBATCH --exclusive", "#SBATCH --output=logs/%x-%j.out",
-    ]
-    assert lines[0] == "#!/bin/bash"
-    assert "source ~/vlm_venv/bin/activate" in lines and "export NCCL_DEBUG=WARN" in lines
-    assert ('export JAX_COORDINATOR_ADDRESS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
-            ':$((SLURM_JOB_ID % 4096 + 61440))') in lines
-    assert lines[-1] == (
-        "srun --kill-on-bad-exit=1 --output=logs/%x-%j-%t.out --cpus-per-task=32 bash -c "
-        "'JAX_NUM_PROCESSES=$SLURM_NTASKS JAX_PROCESS_ID=$SLURM_PROCID JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7 "
-        "exec vlm train --config=configs/dual_encoder.py:B/16 --workdir=gs://bucket/runs/de "
-        "--config.data.name=\"my data\"'")
-
-
-def test_slurm_script_one_process_per_gpu():
-    rc, out, _ = launch(slurm, "--nodes=2", "--gpus_per_node=4", "--tasks=per_gpu", "--port=23456",
-                        "--container_image=nvcr.io#nvidia/jax:25.04-py3", "--container_mounts=/shared:/shared",
-                        "--dry_run", "--", *TRAIN)
-    assert rc == 0
-    assert "#SBATCH --ntasks-per-node=4" in out and "#SBATCH --gpus-per-node=4" in out
-    assert '| head -n 1):23456\n' in out
-    srun = out.splitlines()[-1]
-    assert srun.startswith('srun --kill-on-bad-exit=1 --output=logs/%x-%j-%t.out '
-                           '--container-image="nvcr.io#nvidia/jax:25.04-py3" --container-mounts=/shared:/shared ')
-    assert "JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID exec vlm train" in srun
-
-
-def fake_slurm(tmp_path: Path, nodes: int, tasks_per_node: int) -> dict:
-    """scontrol, srun (runs `bash -c SCRIPT` once per task with SLURM's per-task variables) and vlm."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_program(bin_dir, "scontrol", f"assert argv == ['show', 'hostnames', 'gpu[001-{nodes:03d}]'], argv\n"
-                 f"print('\\n'.join('gpu%03d' % (i + 1) for i in range({nodes})))\n")
-    fake_program(bin_dir, "srun", f"""
-import subprocess
-i = argv.index('bash')
-assert argv[i + 1] == '-c'
-for task in range({nodes * tasks_per_node}):
-    task_env = dict(env, SLURM_NTASKS='{nodes * tasks_per_node}', SLURM_PROCID=str(task),
-                    SLURM_LOCALID=str(task % {tasks_per_node}), SLURM_NODEID=str(task // {tasks_per_node}))
-    subprocess.run(argv[i:], env=task_env, check=True)
-""")
-    fake_program(bin_dir, "vlm", "record(argv=argv, env={k: v for k, v in env.items() if k.startswith('JAX_')})\n")
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "vlm.jsonl"),
-            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]", "SLURM_JOB_NUM_NODES": str(nodes)}
-
-
-@pytest.mark.parametrize("tasks,per_node,devices", [
-    ("per_node", 1, lambda local: "0,1,2,3"),
-    ("per_gpu", 4, lambda local: str(local)),
-])
-def test_slurm_script_gives_each_task_its_coordinator_and_index(tmp_path, tasks, per_node, devices):
-    train = [*TRAIN, *TRICKY]
-    rc, out, _ = launch(slurm, "--nodes=3", "--gpus_per_node=4", f"--tasks={tasks}", "--dry_run", "--", *train)
-    assert rc == 0
-    env = fake_slurm(tmp_path, nodes=3, tasks_per_node=per_node)
-    proc = subprocess.run(["bash", "-c", out], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    port = 4242 % 4096 + 61440
-    assert f"vlm: 3 nodes, coordinator gpu001:{port}" in proc.stdout
-    recs = records(tmp_path / "vlm.jsonl")
-    assert len(recs) == 3 * per_node
-    for task, rec in enumerate(recs):
-        assert rec["argv"] == train[1:]
-        assert rec["env"] == {"JAX_COORDINATOR_ADDRESS": f"gpu001:{port}", "JAX_NUM_PROCESSES": str(3 * per_node),
-                              "JAX_PROCESS_ID": str(task), "JAX_LOCAL_DEVICE_IDS": devices(task % per_node)}
-    assert (tmp_path / "logs").is_dir()
-
-
-def test_slurm_without_dry_run_writes_the_script_and_submits_it(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_program(bin_dir, "sbatch", "record(argv=argv, script=open(argv[0]).read())\nprint('Submitted batch job 7')\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("RECORD", str(tmp_path / "sbatch.jsonl"))
-    monkeypatch.chdir(tmp_path)
-    argv = ["--nodes=2", "--job_name=run1", "--", *TRAIN]
-    _, dry, _ = launch(slurm, "--dry_run", *argv)
-    rc, _, err = launch(slurm, *argv)
-    assert rc == 0 and "wrote logs/run1.sbatch" in err
-    assert records(tmp_path / "sbatch.jsonl") == [{"argv": ["logs/run1.sbatch"], "script": dry}]
-
-
-@pytest.mark.parametrize("argv,expected", [
-    ([], "missing --nodes"),
-    (["--nodes=0"], "--nodes=0 must be >= 1"),
-    (["--nodes=-3"], "--nodes=-3 must be >= 1"),
-    (["--nodes=2", "--gpus_per_node=0"], "--gpus_per_node=0 must be >= 1"),
-    (["--nodes=2", "--tasks=per_host"], "invalid choice: 'per_host'"),
-    (["--nodes=2", "--time=tomorrow"], "is not a SLURM time"),
-    (["--nodes=2", "--port=99999"], "--port=99999 must be 'auto' or in 1..65535"),
-    (["--nodes=2", "--job_name=my job"], "may only hold letters"),
-    (["--nodes=2", "--container_mounts=/a:/a"], "--container_mounts needs --container_image"),
-])
-def test_slurm_input_errors_are_one_line(argv, expected):
-    assert_one_line_error(slurm, [*argv, "--dry_run", "--", *TRAIN], expected)
 
 
 def test_failures_of_the_cluster_tools_are_one_line(tmp_path, monkeypatch):
