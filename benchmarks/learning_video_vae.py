@@ -29,8 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train(workdir: str, extra: list[str]) -> tuple[float, float]:
     shutil.rmtree(workdir, ignore_errors=True)
-    command = ["vlm", "train", "--config=configs/video_vae.py:tiny", f"--workdir={workdir}", *extra]
-    print("$", " ".join(command), f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
+    # `python -m vlm.main` is the `vlm` console script's entry point (vlm.main:run), run from this checkout.
+    command = [sys.executable, "-m", "vlm.main", "train", "--config=configs/video_vae.py:tiny", f"--workdir={workdir}",
+               *extra]
+    print("$ vlm", " ".join(command[3:]), f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user would run it: one CPU device
     start = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env)

@@ -35,10 +35,13 @@ from vlm.nn.transformer import REMAT_POLICIES, check_remat
 ACTIVATION_AXES = ("batch", "frames", None, None, None)
 
 VARIANTS: Mapping[str, dict] = {
-    # CPU-sized (1.9M parameters, ~0.5 s per batch-8 train step of 9x32x32 clips on 2 cores): narrow at full
-    # resolution, wide at 4x4; time halved at the first two stages (cheaper than Wan's late ones); z=16.
+    # CPU-sized (1.9M parameters, ~0.6-1 s per batch-8 train step of 9x32x32 clips on 2 shared cores): narrow at
+    # full resolution, wide at 4x4; time halved at the first two stages (cheaper than Wan's late ones); z=16.
+    # No per-position norm (RMSNorm on 8-16 channels slowed learning ~4 dB at 300 steps) and the posterior's
+    # std starting at e^-3 (not 1): both make a 15-minute CPU run learn far more (benchmarks/README.md).
     "tiny": dict(base_channels=8, channel_multipliers=(1, 2, 4, 8), num_res_blocks=1, latent_channels=16,
-                 temporal_downsample=(True, True, False), mid_attention=False, resample_shortcut=True, patch_size=1),
+                 temporal_downsample=(True, True, False), mid_attention=False, resample_shortcut=True, patch_size=1,
+                 norm="none", init_logvar=-6.0),
     # Wan 2.1 VAE-like (base 96, z 16, multipliers (1, 2, 4, 4), 2 res blocks, time halved at the last two
     # stages, mid attention, no resampling shortcuts).
     "wan": dict(base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16,
@@ -46,17 +49,44 @@ VARIANTS: Mapping[str, dict] = {
 }
 
 
+NORMS = ("rms", "none")
+
+
+class _NoNorm(nnx.Module):
+    """norm="none": the identity (a cast to the compute dtype)."""
+
+    def __init__(self, dtype: Dtype):
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.dtype)
+
+
+def channel_norm(kind: str, channels: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The per-position norm over channels before each conv: "rms" (Wan's RMS_norm) or "none".
+
+    Per-position RMSNorm erases each pixel's feature magnitude (only its direction survives); on
+    narrow layers (8-16 channels) that slows learning a lot: the tiny variant on 32-px clips reached
+    19.5 dB held-out PSNR in 300 steps with it, 23.1 dB without (benchmarks/README.md).
+    """
+    if kind == "rms":
+        return RMSNorm(channels, "conv_in", dtype=dtype, rngs=rngs)
+    if kind == "none":
+        return _NoNorm(dtype)
+    raise ValueError(f"norm={kind!r}; choose one of {', '.join(NORMS)}")
+
+
 class ResBlock(nnx.Module):
-    """x → shortcut(x) + conv(silu(norm(conv(silu(norm(x)))))), causal 3x3x3 convs; RMSNorm over channels.
+    """x → shortcut(x) + conv(silu(norm(conv(silu(norm(x)))))), causal 3x3x3 convs; norm per position, over channels.
 
     RMSNorm (per position, over channels) rather than GroupNorm keeps the block causal and
     tileable: no statistic spans frames or pixels.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.norm1 = RMSNorm(in_channels, "conv_in", dtype=dtype, rngs=rngs)
+    def __init__(self, in_channels: int, out_channels: int, *, norm: str = "rms", dtype: Dtype, rngs: nnx.Rngs):
+        self.norm1 = channel_norm(norm, in_channels, dtype=dtype, rngs=rngs)
         self.conv1 = CausalConv3d(in_channels, out_channels, (3, 3, 3), dtype=dtype, rngs=rngs)
-        self.norm2 = RMSNorm(out_channels, "conv_in", dtype=dtype, rngs=rngs)
+        self.norm2 = channel_norm(norm, out_channels, dtype=dtype, rngs=rngs)
         self.conv2 = CausalConv3d(out_channels, out_channels, (3, 3, 3), dtype=dtype, rngs=rngs)
         self.shortcut = (CausalConv3d(in_channels, out_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
                          if in_channels != out_channels else None)
@@ -77,8 +107,8 @@ class FrameAttention(nnx.Module):
     only for models without it.
     """
 
-    def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.norm = RMSNorm(channels, "conv_in", dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, norm: str = "rms", dtype: Dtype, rngs: nnx.Rngs):
+        self.norm = channel_norm(norm, channels, dtype=dtype, rngs=rngs)
         dense = lambda **kw: Dense(channels, channels, ("conv_in", "conv_out"), dtype=dtype, rngs=rngs, **kw)
         self.query, self.key, self.value = dense(), dense(), dense()
         self.out = dense(kernel_init=nnx.initializers.zeros)  # starts as the identity block
@@ -199,8 +229,9 @@ class Upsample(nnx.Module):
 class Head(nnx.Module):
     """norm → SiLU → causal 3x3x3 conv: the last layer of the encoder (to 2z moments) and decoder (to RGB)."""
 
-    def __init__(self, in_channels: int, out_channels: int, out_axis: str | None, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.norm = RMSNorm(in_channels, "conv_in", dtype=dtype, rngs=rngs)
+    def __init__(self, in_channels: int, out_channels: int, out_axis: str | None, *, norm: str = "rms", dtype: Dtype,
+                 rngs: nnx.Rngs):
+        self.norm = channel_norm(norm, in_channels, dtype=dtype, rngs=rngs)
         self.conv = CausalConv3d(in_channels, out_channels, (3, 3, 3), axes=("conv_in", out_axis), dtype=dtype,
                                  rngs=rngs)
 
@@ -273,25 +304,29 @@ class VideoEncoder3d(_LayerStack):
 
     def __init__(self, *, base_channels: int, channel_multipliers: Sequence[int], num_res_blocks: int,
                  latent_channels: int, temporal_downsample: Sequence[bool], mid_attention: bool,
-                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs,
+                 norm: str = "rms", init_logvar: float = 0.0):
         dims = [base_channels * m for m in channel_multipliers]
         layers = [SpaceToDepth(patch_size)] if patch_size > 1 else []
         layers.append(_CachedConv(CausalConv3d(3 * patch_size**2, dims[0], (3, 3, 3), axes=(None, "conv_out"),
                                                dtype=dtype, rngs=rngs)))
         for level, dim in enumerate(dims):
-            layers += [ResBlock(dim, dim, dtype=dtype, rngs=rngs) for _ in range(num_res_blocks)]
+            layers += [ResBlock(dim, dim, norm=norm, dtype=dtype, rngs=rngs) for _ in range(num_res_blocks)]
             if level < len(dims) - 1:
                 layers.append(Downsample(dim, dims[level + 1], temporal_downsample[level], resample_shortcut,
                                          dtype=dtype, rngs=rngs))
         prev = dims[-1]
-        layers.append(ResBlock(prev, prev, dtype=dtype, rngs=rngs))
+        layers.append(ResBlock(prev, prev, norm=norm, dtype=dtype, rngs=rngs))
         if mid_attention:
-            layers.append(FrameAttention(prev, dtype=dtype, rngs=rngs))
-        layers.append(ResBlock(prev, prev, dtype=dtype, rngs=rngs))
-        layers.append(Head(prev, 2 * latent_channels, "conv_out", dtype=dtype, rngs=rngs))
-        # 1x1x1 conv on the moments (Wan's conv1 / SD's quant_conv).
-        layers.append(_CachedConv(CausalConv3d(2 * latent_channels, 2 * latent_channels, (1, 1, 1), dtype=dtype,
-                                               rngs=rngs)))
+            layers.append(FrameAttention(prev, norm=norm, dtype=dtype, rngs=rngs))
+        layers.append(ResBlock(prev, prev, norm=norm, dtype=dtype, rngs=rngs))
+        layers.append(Head(prev, 2 * latent_channels, "conv_out", norm=norm, dtype=dtype, rngs=rngs))
+        # 1x1x1 conv on the moments (Wan's conv1 / SD's quant_conv). Its logvar half's bias starts at
+        # `init_logvar`: at 0 the posterior's noise (std 1) swamps the mean at init, and with a tiny KL
+        # weight Adam needs ~|init_logvar| / lr steps to shrink it; a short run never gets there.
+        moments = CausalConv3d(2 * latent_channels, 2 * latent_channels, (1, 1, 1), dtype=dtype, rngs=rngs)
+        moments.bias[...] = moments.bias[...].at[latent_channels:].set(init_logvar)
+        layers.append(_CachedConv(moments))
         self.layers = nnx.List(layers)
         self.remat = remat
 
@@ -301,22 +336,24 @@ class VideoDecoder3d(_LayerStack):
 
     def __init__(self, *, base_channels: int, channel_multipliers: Sequence[int], num_res_blocks: int,
                  latent_channels: int, temporal_downsample: Sequence[bool], mid_attention: bool,
-                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs):
+                 resample_shortcut: bool, patch_size: int, remat: str, dtype: Dtype, rngs: nnx.Rngs,
+                 norm: str = "rms"):
         dims = [base_channels * m for m in channel_multipliers]
         top = dims[-1]
         # 1x1x1 conv on the latents (Wan's conv2 / SD's post_quant_conv), then into the top width.
         layers = [_CachedConv(CausalConv3d(latent_channels, latent_channels, (1, 1, 1), dtype=dtype, rngs=rngs)),
                   _CachedConv(CausalConv3d(latent_channels, top, (3, 3, 3), dtype=dtype, rngs=rngs)),
-                  ResBlock(top, top, dtype=dtype, rngs=rngs)]
+                  ResBlock(top, top, norm=norm, dtype=dtype, rngs=rngs)]
         if mid_attention:
-            layers.append(FrameAttention(top, dtype=dtype, rngs=rngs))
-        layers.append(ResBlock(top, top, dtype=dtype, rngs=rngs))
+            layers.append(FrameAttention(top, norm=norm, dtype=dtype, rngs=rngs))
+        layers.append(ResBlock(top, top, norm=norm, dtype=dtype, rngs=rngs))
         for level in reversed(range(len(dims))):
-            layers += [ResBlock(dims[level], dims[level], dtype=dtype, rngs=rngs) for _ in range(num_res_blocks + 1)]
+            layers += [ResBlock(dims[level], dims[level], norm=norm, dtype=dtype, rngs=rngs)
+                       for _ in range(num_res_blocks + 1)]
             if level > 0:  # mirrors the encoder's downsampling after level - 1
                 layers.append(Upsample(dims[level], dims[level - 1], temporal_downsample[level - 1], resample_shortcut,
                                        dtype=dtype, rngs=rngs))
-        layers.append(Head(dims[0], 3 * patch_size**2, None, dtype=dtype, rngs=rngs))
+        layers.append(Head(dims[0], 3 * patch_size**2, None, norm=norm, dtype=dtype, rngs=rngs))
         if patch_size > 1:
             layers.append(DepthToSpace(patch_size))
         self.layers = nnx.List(layers)
@@ -370,7 +407,9 @@ class VideoVAE(nnx.Module):
 
     Compression: `spatial_compression` = 2 ** (len(channel_multipliers) - 1) (8 for 4 levels),
     `temporal_compression` = 2 ** sum(temporal_downsample) (4 for two True stages). The defaults are
-    the "tiny" variant. `remat` names a policy of vlm.nn.transformer.REMAT_POLICIES, applied per ResBlock.
+    the "tiny" variant. `norm` is the per-position channel norm before each conv ("rms" as Wan, or
+    "none"). `init_logvar` is the posterior's initial log-variance (the bias of the
+    encoder's last 1x1x1 conv, logvar half; 0 as in Wan / LDM). `remat` names a policy of vlm.nn.transformer.REMAT_POLICIES, applied per ResBlock.
     """
 
     def __init__(
@@ -384,6 +423,8 @@ class VideoVAE(nnx.Module):
         mid_attention: bool = False,
         resample_shortcut: bool = True,
         patch_size: int = 1,
+        norm: str = "rms",
+        init_logvar: float = 0.0,
         remat: str = "none",
         dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -395,6 +436,8 @@ class VideoVAE(nnx.Module):
                 f"temporal_downsample has {len(temporal_downsample)} entries but there are "
                 f"{len(channel_multipliers) - 1} downsampling stages (len(channel_multipliers) - 1); give one per stage"
             )
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}; choose one of {', '.join(NORMS)}")
         if patch_size < 1:
             raise ValueError(f"patch_size={patch_size} must be ≥ 1 (1 = no patchify stem)")
         if latent_channels < 1 or base_channels < 1 or num_res_blocks < 0:
@@ -404,8 +447,8 @@ class VideoVAE(nnx.Module):
                   num_res_blocks=num_res_blocks, latent_channels=latent_channels,
                   temporal_downsample=temporal_downsample, mid_attention=mid_attention,
                   resample_shortcut=resample_shortcut, patch_size=patch_size, remat=remat, dtype=dtype,
-                  rngs=rngs)
-        self.encoder = VideoEncoder3d(**kw)
+                  rngs=rngs, norm=norm)
+        self.encoder = VideoEncoder3d(**kw, init_logvar=float(init_logvar))
         self.decoder = VideoDecoder3d(**kw)
         self.latent_channels = latent_channels
         self.spatial_compression = patch_size * 2 ** (len(channel_multipliers) - 1)

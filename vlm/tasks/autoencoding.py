@@ -36,7 +36,7 @@ from vlm.models.video_vae import VideoVAE, normalize_video, to_uint8
 
 # config.model.vae keys passed to VideoVAE (vlm/models/video_vae.py VARIANTS).
 VAE_KEYS = ("base_channels", "channel_multipliers", "num_res_blocks", "latent_channels", "temporal_downsample",
-            "mid_attention", "resample_shortcut", "patch_size")
+            "mid_attention", "resample_shortcut", "patch_size", "norm", "init_logvar")
 WEIGHTS = ("l1_weight", "l2_weight", "kl_weight")
 NOT_IMPLEMENTED = ("perceptual_weight", "adversarial_weight")
 
