@@ -7,7 +7,7 @@ workdir already holds its final checkpoint is kept, so the script resumes):
 
   de      vlm train --config=configs/dual_encoder.py:tiny --workdir=ROOT/de        text tower + scorer
   vae     vlm train --config=configs/video_vae.py:tiny --workdir=ROOT/vae          the autoencoder
-  cache   vlm data encode --vae_workdir=ROOT/vae --out_name=synthetic_latents      the latent cache
+  cache   vlm data encode --vae_workdir=ROOT/vae --out_name=synthetic_latents --max_examples=16384
   dit     vlm train --config=configs/dit_video.py:tiny --workdir=ROOT/dit --config.init_from.workdir=ROOT/de
             --config.model.vae_workdir=ROOT/vae --config.evals.generation.scorer_workdir=ROOT/de
           (with `--dit_minutes` < the default schedule's time, total_steps is cut to fit: see below)
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/vlm_t2v")
     parser.add_argument("--dit_minutes", type=float, default=30.0)
     parser.add_argument("--dit_steps", type=int, default=0, help="DiT total_steps (0: the config's)")
+    parser.add_argument("--cache_examples", type=int, default=16384, help="clips per split in the latent cache")
     parser.add_argument("--de_workdir", default="", help="a finished `configs/dual_encoder.py:tiny` run to reuse")
     parser.add_argument("--vae_workdir", default="", help="a finished `configs/video_vae.py:tiny` run to reuse")
     args, extra = parser.parse_known_args()
@@ -83,7 +84,8 @@ def main() -> None:
         stage("vae", vlm("train", "--config=configs/video_vae.py:tiny", f"--workdir={vae}"), env, finished(vae)),
     ]
     cache_done = os.path.exists(os.path.join(env["VLM_DATA_DIR"], "synthetic_latents", "latent_info.json"))
-    times.append(stage("cache", vlm("data", "encode", f"--vae_workdir={vae}", "--out_name=synthetic_latents"),
+    times.append(stage("cache", vlm("data", "encode", f"--vae_workdir={vae}", "--out_name=synthetic_latents",
+                                         f"--max_examples={args.cache_examples}"),
                        env, cache_done))
     steps = [f"--config.total_steps={args.dit_steps}"] if args.dit_steps else []
     times.append(stage("dit", vlm("train", "--config=configs/dit_video.py:tiny", f"--workdir={dit}",

@@ -5,6 +5,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Each test session (each pytest-xdist worker) builds the synthetic set and tokenizer in its own data
+# dir: workers never write one folder at once, and ~/.cache stays untouched.
+if "VLM_DATA_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["VLM_DATA_DIR"] = tempfile.mkdtemp(prefix="vlm_test_data_")
 
 
 import pytest  # noqa: E402

@@ -92,7 +92,7 @@ def test_two_processes_write_the_same_dataset_as_one(cache):
 def latent_data_config(out_dir, **kw):
     c = ConfigDict(dict(name="synthetic_latents", data_dir=out_dir, train_split="train", eval_split="", sources=(),
                         latent_sample=False, num_frames=5, resolution=16, max_text_len=8, vocab_size=128,
-                        tokenizer="", worker_count=0, prefetch=1, eval_size=64, train_size=0, max_objects=1))
+                        tokenizer="", worker_count=0, prefetch=1, eval_size=64, train_size=64, max_objects=1))
     c.update(kw)
     return c
 
