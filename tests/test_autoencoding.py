@@ -17,8 +17,11 @@ from vlm.tasks import autoencoding
 
 # A VAE with few layers, so that its train step compiles in seconds: a 4x4 patchify stem and one 2x
 # down/upsampling stage (8x space, 2x time), no res blocks but the middle ones.
+# norm and init_logvar set here (not inherited from VARIANTS["tiny"]), so this fixture does not drift with
+# the tiny variant's tuning.
 SMALL_VAE = dict(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=0, latent_channels=4,
-                 temporal_downsample=(True,), mid_attention=False, resample_shortcut=True, patch_size=4)
+                 temporal_downsample=(True,), mid_attention=False, resample_shortcut=True, patch_size=4,
+                 norm="rms", init_logvar=0.0)
 SMALL = dict(batch_size=8, eval_batch_size=8, total_steps=2, log_every=1)
 SMALL_DATA = dict(num_frames=5, resolution=16, eval_size=8, max_text_len=8)
 # XLA:CPU compiles 2-3x faster without LLVM optimisation (tests/test_video_vae.py); tiny shapes run fast anyway.
