@@ -12,7 +12,7 @@ from configs import video_vae
 from tests.helpers import read_metrics, run_vlm
 from vlm import sharding, train
 from vlm.errors import ConfigError
-from vlm.eval import image_quality
+from vlm.eval import image_quality, video_files
 from vlm.tasks import autoencoding
 
 # A VAE with few layers, so that its train step compiles in seconds: a 4x4 patchify stem and one 2x
@@ -205,7 +205,7 @@ def test_vlm_reconstruct_prints_psnr_ssim_and_writes_the_video(vae_run, tmp_path
     for t in range(11):  # a square moving right: something to reconstruct
         frames[t, 6:18, 2 + 2 * t:14 + 2 * t] = (200, 60, 30)
     frames = np.clip(frames + rng.integers(0, 8, frames.shape), 0, 255).astype(np.uint8)
-    autoencoding.write_video(source, frames, fps=10)
+    video_files.write(str(source), frames, fps=10)
     out = tmp_path / "out.mp4"
     proc = run_vlm("reconstruct", f"--workdir={workdir}", str(source), f"--out={out}", "--num_frames=9",
                    env_extra=FAST_ENV)

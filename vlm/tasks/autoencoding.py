@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from flax import nnx
 
 from vlm import sharding
 from vlm.errors import ConfigError
-from vlm.eval import image_quality
+from vlm.eval import image_quality, video_files
 from vlm.eval import loop as eval_loop
 from vlm.models import video_vae_tiling
 from vlm.models.video_vae import VideoVAE, normalize_video, to_uint8
@@ -183,8 +182,8 @@ class Task:
             folder = epath.Path(workdir) / "samples" / str(step)
             folder.mkdir(parents=True, exist_ok=True)
             clips = side_by_side(samples[0]["video"], samples[0]["recon"])
-            write_video(folder / "reconstructions.mp4", clips, scale=4)
-            write_video(folder / "reconstructions.gif", clips, scale=2)
+            video_files.write(folder / "reconstructions.mp4", clips, scale=4)
+            video_files.write(folder / "reconstructions.gif", clips, scale=2)
         return {k: float(v.mean()) for k, v in out.items()}
 
 
@@ -199,29 +198,6 @@ def side_by_side(inputs: np.ndarray, recons: np.ndarray, gap: int = 2) -> np.nda
         out[:, top:top + h, :w] = inputs[i]
         out[:, top:top + h, w + gap:] = recons[i]
     return out
-
-
-def write_video(path, frames: np.ndarray, fps: float = 8.0, scale: int = 1) -> str:
-    """uint8 [T, H, W, 3] → an mp4 (H.264, crf 18) or gif by `path`'s suffix, with PyAV; `scale` repeats
-    pixels (32-px clips are unreadable otherwise). H.264 needs even sizes: odd ones get a black edge."""
-    import av
-
-    frames = np.asarray(frames, np.uint8)
-    if scale > 1:
-        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    gif = str(path).endswith(".gif")
-    if not gif:
-        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("gif" if gif else "libx264", rate=Fraction(fps).limit_denominator(1000))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb8" if gif else "yuv420p"
-        if not gif:
-            stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return str(path)
 
 
 # ----- a trained VAE, outside training -----
@@ -305,7 +281,7 @@ def reconstruct_file(workdir: str, in_path: str, out_path: str, *, num_frames: i
         return to_uint8(video_vae_tiling.decode_chunked(m, z, chunk))
 
     recon = np.asarray(roundtrip(state, jnp.asarray(video[None])))[0]  # uint8 [T, H, W, 3]
-    write_video(out_path, recon, fps=fps)
+    video_files.write(out_path, recon, fps=fps)
     t, h, w, _ = video.shape
     return {"psnr": float(image_quality.psnr(recon, video).mean()), "ssim": float(image_quality.ssim(recon, video).mean()),
             "frames": t, "height": h, "width": w, "step": step, "out": str(out_path)}
