@@ -21,6 +21,7 @@ pytest.importorskip("tokenizers")
 
 from tests.helpers import run_vlm, small_config  # noqa: E402
 from vlm import convert, sharding, tasks, train  # noqa: E402
+from vlm.models import video_encoder  # noqa: E402
 from vlm.tasks import contrastive  # noqa: E402
 from vlm.errors import ConfigError  # noqa: E402
 
@@ -217,7 +218,7 @@ def test_a_config_json_from_before_the_options_builds_the_same_model():
 
     config = small_config()
     values = json.loads(config_lib.to_json(config))
-    for tower, names in (("video", contrastive.VIDEO_OPTIONS + ("projection",)),
+    for tower, names in (("video", video_encoder.VIDEO_OPTIONS + ("projection",)),
                          ("text", contrastive.TEXT_OPTIONS + ("projection",))):
         for name in names:
             del values["model"][tower][name]

@@ -160,6 +160,12 @@ def check_config(config) -> None:
         raise ConfigError(f"config.model.video.attention={config.model.video.attention!r} is unknown; use joint or divided")
 
 
+def tower_options(tower_config, names) -> dict:
+    """The optional keys `names` present in a tower's config (rgb_* as tuples); absent ones keep the
+    constructor's defaults, so a config.json written before an option existed still builds."""
+    return {k: tuple(tower_config[k]) if k.startswith("rgb_") else tower_config[k] for k in names if k in tower_config}
+
+
 def from_config(config, rngs: nnx.Rngs) -> VideoEncoder:
     """The video tower of a run config: `model.video` sizes, `data` frames and resolution, and the
     model's dtype, remat and attention kernel. Every task with a video tower builds it here, so its
@@ -178,6 +184,6 @@ def from_config(config, rngs: nnx.Rngs) -> VideoEncoder:
         dtype=jnp.dtype(m.dtype),
         attention_impl=m.attention_impl,
         context_parallel=m.get("context_parallel", "none"),
-        **{k: tuple(m.video[k]) if k.startswith("rgb_") else m.video[k] for k in VIDEO_OPTIONS if k in m.video},
+        **tower_options(m.video, VIDEO_OPTIONS),
         rngs=rngs,
     )

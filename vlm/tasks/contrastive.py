@@ -22,7 +22,6 @@ from vlm.eval import retrieval
 from vlm.models import text_encoder, video_encoder
 from vlm.models.dual_encoder import PROJECTIONS, DualEncoder
 from vlm.models.text_encoder import TextEncoder
-from vlm.models.video_encoder import VIDEO_OPTIONS
 from vlm.nn.mlp import ACTIVATIONS
 
 LOSSES = ("softmax", "sigmoid")
@@ -30,10 +29,6 @@ LOSSES = ("softmax", "sigmoid")
 # Tower options passed from config.model.video / config.model.text when present (a config.json
 # written before they existed builds the model with the constructors' defaults: vlm's own model).
 TEXT_OPTIONS = ("pool", "causal", "norm_eps", "activation")
-
-
-def _options(tower_config, names) -> dict:
-    return {k: tuple(tower_config[k]) if k.startswith("rgb_") else tower_config[k] for k in names if k in tower_config}
 
 
 def build_text_tower(model_config, max_len: int, rngs: nnx.Rngs) -> TextEncoder:
@@ -49,7 +44,7 @@ def build_text_tower(model_config, max_len: int, rngs: nnx.Rngs) -> TextEncoder:
         remat=m.remat,
         dtype=jnp.dtype(m.dtype),
         attention_impl=m.attention_impl,
-        **_options(m.text, TEXT_OPTIONS),
+        **video_encoder.tower_options(m.text, TEXT_OPTIONS),
         rngs=rngs,
     )
 
