@@ -5,7 +5,7 @@ The chain (each a `vlm` run on the built-in synthetic set; see README "Text-to-v
 
     vlm train --config=configs/dual_encoder.py:tiny --workdir=/tmp/de          # text tower + scorer
     vlm train --config=configs/video_vae.py:tiny --workdir=/tmp/vae             # the autoencoder
-    vlm data encode --vae_workdir=/tmp/vae --out_name=synthetic_latents         # the latent cache
+    vlm data encode --vae_workdir=/tmp/vae --out_name=synthetic_latents --max_examples=16384   # the latent cache
     vlm train --config=configs/dit_video.py:tiny --workdir=/tmp/dit \\
         --config.init_from.workdir=/tmp/de --config.model.vae_workdir=/tmp/vae \\
         --config.evals.generation.scorer_workdir=/tmp/de
