@@ -57,17 +57,34 @@ SMALL_OVERRIDES = (
 )
 
 
-def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None):
+# XLA:CPU without LLVM's optimisation passes: the tests' programs are tiny and compiling is most of their time (a
+# small_config train step: 31 s to compile by default, 16 s with this, 0.1 s to run). tests/conftest.py sets it for
+# the test process, run_vlm for the processes it starts; learning tests, whose time is running, pass optimize=True.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None, optimize: bool = False):
     """Runs `python -m vlm.main ARGS` in a fresh process with `devices` CPU devices."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"--xla_force_host_platform_device_count={devices}" + ("" if optimize else f" {FAST_COMPILE_FLAG}")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "vlm.main", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def multiprocess_env() -> dict:
+    """The environment for a job of several `vlm` processes (launch/local.py replaces the device count in
+    XLA_FLAGS), without the persistent compilation cache (tests/conftest.py): JAX writes cache entries from
+    process 0 only, so on a warm cache process 0 skips its compiles while the others compile, and under load
+    they miss the 30 s deadline of gloo's start-up handshake."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def read_metrics(workdir) -> list[dict]:

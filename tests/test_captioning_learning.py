@@ -26,7 +26,7 @@ def test_short_run_beats_the_constant_caption_baseline(tmp_path):
         "train", "--config=configs/captioner.py:tiny", f"--workdir={tmp_path}/w",
         f"--config.data.data_dir={tmp_path}/data", f"--config.total_steps={steps}", "--config.batch_size=32",
         "--config.optim.warmup_steps=10", f"--config.eval_every={steps}", f"--config.checkpoint_every={steps}",
-        "--config.log_every=10", devices=1, timeout=600,
+        "--config.log_every=10", devices=1, timeout=600, optimize=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [m for m in read_metrics(tmp_path / "w") if "eval/cider" in m][-1]

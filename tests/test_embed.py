@@ -11,6 +11,7 @@ import pytest
 
 import vlm
 from input_pipeline import synthetic, testing
+from tests.helpers import multiprocess_env
 from tests.test_load import eval_path_embeddings
 from vlm import embed
 from vlm.eval import retrieval
@@ -62,7 +63,7 @@ def test_two_processes_write_the_same_rows_as_one(index, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes=2", "--devices_per_process=4",
            f"--log_dir={tmp_path / 'logs'}", "--", sys.executable, "-m", "vlm.main", "embed",
            f"--workdir={workdir}", f"--output={two}"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = multiprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(os.listdir(two / "img_emb")) == ["img_emb_0.npy", "img_emb_1.npy"]

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import vlm
-from tests.helpers import load_checkpoint_params, run_vlm
+from tests.helpers import FAST_COMPILE_FLAG, load_checkpoint_params, run_vlm
 from vlm import export, init_from, loading, stablehlo
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "export_keys_small_dual_encoder.txt")
@@ -104,7 +104,8 @@ def test_export_loads_without_orbax(exports, from_workdir):
             f"loaded = vlm.load({exports[1]!r})\n"
             f"print(json.dumps(loaded.embed_text({CAPTIONS!r}).tolist()))\n"
             "assert not [m for m, v in sys.modules.items() if m.startswith('orbax') and v is not None]\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAG}",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
