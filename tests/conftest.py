@@ -1,7 +1,8 @@
 """Test setup: 8 virtual CPU devices, set before JAX is imported anywhere."""
 import os
+import tempfile
 
-# And XLA:CPU without LLVM's optimisation passes: compiling is most of a test's time (tests/helpers.py,
+# XLA:CPU compiles without LLVM's optimisation passes: compiling is most of a test's time (tests/helpers.py,
 # FAST_COMPILE_FLAG).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
@@ -10,16 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Each test session (each pytest-xdist worker) builds the synthetic set and tokenizer in its own data
 # dir: workers never write one folder at once, and ~/.cache stays untouched.
 if "VLM_DATA_DIR" not in os.environ:
-    import tempfile
-
     os.environ["VLM_DATA_DIR"] = tempfile.mkdtemp(prefix="vlm_test_data_")
 # JAX's persistent compilation cache, one per test session, inherited by every `vlm` subprocess a test starts:
 # most of a subprocess run's time is compiling the same tiny programs again (a 4-step tiny run: 62 s cold, 24 s
 # warm). A cached executable is the same program, so results stay bit-identical. A max size turns on JAX's file
 # lock, so two pytest-xdist workers never read an entry while the other writes it.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlm_test_jax_cache_")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -24,9 +24,6 @@ SMALL_VAE = dict(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=0, 
                  norm="rms", init_logvar=0.0)
 SMALL = dict(batch_size=8, eval_batch_size=8, total_steps=2, log_every=1)
 SMALL_DATA = dict(num_frames=5, resolution=16, eval_size=8, max_text_len=8)
-# XLA:CPU compiles 2-3x faster without LLVM optimisation (tests/test_video_vae.py); tiny shapes run fast anyway.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-FAST_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"}
 
 
 def small_vae_config(**mesh):
@@ -129,10 +126,10 @@ def one_step(config, devices):
     batch = {"video": rng.integers(0, 256, (config.batch_size, d.num_frames, d.resolution, d.resolution, 3), np.uint8),
              "tokens": np.ones((config.batch_size, d.max_text_len), np.int32)}
     with sharding.use_mesh(mesh, setup.rules):
-        state = setup.init.lower().compile(FAST_COMPILE)()
+        state = setup.init.lower().compile()()
         init = jax.device_get(state["params"])
         batch = sharding.global_batch(batch, mesh)
-        state, metrics = setup.train_step.lower(state, batch).compile(FAST_COMPILE)(state, batch)
+        state, metrics = setup.train_step.lower(state, batch).compile()(state, batch)
     return jax.device_get(metrics), jax.device_get(state["params"]), init
 
 
@@ -164,8 +161,7 @@ def tiny_vae_run(tmp_path_factory):
                         model=dict(vae=SMALL_VAE), optim=dict(warmup_steps=0),
                         data=dict(SMALL_DATA, data_dir=str(tmp / "data")))
         workdir = tmp / "w"
-        proc = run_vlm("train", "--config=configs/video_vae.py:tiny", f"--workdir={workdir}", *overrides(settings),
-                       env_extra=FAST_ENV)
+        proc = run_vlm("train", "--config=configs/video_vae.py:tiny", f"--workdir={workdir}", *overrides(settings))
         assert proc.returncode == 0, proc.stderr[-3000:]
         _RUN["run"] = workdir, str(tmp / "data")
     return _RUN["run"]
@@ -207,8 +203,7 @@ def test_vlm_reconstruct_prints_psnr_ssim_and_writes_the_video(vae_run, tmp_path
     frames = np.clip(frames + rng.integers(0, 8, frames.shape), 0, 255).astype(np.uint8)
     video_files.write(str(source), frames, fps=10)
     out = tmp_path / "out.mp4"
-    proc = run_vlm("reconstruct", f"--workdir={workdir}", str(source), f"--out={out}", "--num_frames=9",
-                   env_extra=FAST_ENV)
+    proc = run_vlm("reconstruct", f"--workdir={workdir}", str(source), f"--out={out}", "--num_frames=9")
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("PSNR ") and "SSIM" in line and "9 frames of 24x40" in line and str(out) in line
@@ -217,6 +212,5 @@ def test_vlm_reconstruct_prints_psnr_ssim_and_writes_the_video(vae_run, tmp_path
     with av.open(str(out)) as container:
         written = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(written) == 9 and written[0].shape == (24, 40, 3)
-    bad = run_vlm("reconstruct", f"--workdir={workdir}", str(source), f"--out={out}", "--num_frames=8",
-                  env_extra=FAST_ENV)
+    bad = run_vlm("reconstruct", f"--workdir={workdir}", str(source), f"--out={out}", "--num_frames=8")
     assert bad.returncode == 2 and "1 + 2k" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ from flax import nnx
 from configs import dit_video
 from input_pipeline import datasets, latents
 from tests.helpers import load_checkpoint_params, read_metrics, run_vlm
-from tests.test_autoencoding import FAST_COMPILE, FAST_ENV, overrides, tiny_vae_run
+from tests.test_autoencoding import overrides, tiny_vae_run
 from vlm import optim, sharding, train
 from vlm.errors import ConfigError
 from vlm.tasks import autoencoding, diffusion
@@ -77,12 +77,12 @@ def dit_runs(cache, tmp_path_factory):
     flags = ["--config=configs/dit_video.py:tiny", *overrides(settings(cache)),
              "--config.evals.generation.every=1000000", f"--config.evals.generation.scorer_workdir={cache['text_workdir']}"]
     straight, interrupted = tmp / "straight", tmp / "interrupted"
-    proc = run_vlm("train", *flags, f"--workdir={straight}", env_extra=FAST_ENV, timeout=600)
+    proc = run_vlm("train", *flags, f"--workdir={straight}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (interrupted / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "config.json", interrupted / "config.json")
     shutil.copytree(straight / "checkpoints" / str(STEPS // 2), interrupted / "checkpoints" / str(STEPS // 2))
-    proc = run_vlm("train", *flags, f"--workdir={interrupted}", env_extra=FAST_ENV, timeout=600)
+    proc = run_vlm("train", *flags, f"--workdir={interrupted}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from" in proc.stdout
     return straight, interrupted
@@ -96,7 +96,7 @@ def test_initial_fm_loss_is_the_documented_value_and_training_halves_it(cache, d
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     setup = train.build(config, mesh)
     with sharding.use_mesh(mesh, setup.rules):
-        state = setup.init.lower().compile(FAST_COMPILE)()
+        state = setup.init.lower().compile()()
         initial = task.fm_loss(setup.eval_model(state), mesh=mesh, step=0, workdir=None, num_batches=1)
     records = datasets.records("synthetic_latents", "train", cache["data_dir"])
     x0 = latents.normalize(np.stack([np.asarray(records[i]["latent"]) for i in range(HANDFUL)]), cache["info"])
@@ -169,7 +169,7 @@ def test_generation_evaluator_scores_samples_and_vlm_sample_writes_a_video(dit_r
     assert len(frames) == 5  # the cache's clips: 5 frames
     out = tmp_path / "red.mp4"
     proc = run_vlm("sample", f"--workdir={straight}", "--prompt=a large red circle moves left quickly", f"--out={out}",
-                   "--steps=4", env_extra=FAST_ENV)
+                   "--steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote" in proc.stdout
     with av.open(str(out)) as container:
@@ -187,9 +187,9 @@ def test_sharded_train_step_equals_one_device(cache):
         batch = {"latents": rng.standard_normal((config.batch_size, *shape)).astype(np.float32),
                  "tokens": rng.integers(4, 128, (config.batch_size, config.data.max_text_len)).astype(np.int32)}
         with sharding.use_mesh(mesh, setup.rules):
-            state = setup.init.lower().compile(FAST_COMPILE)()
+            state = setup.init.lower().compile()()
             batch = sharding.global_batch(batch, mesh)
-            state, metrics = setup.train_step.lower(state, batch).compile(FAST_COMPILE)(state, batch)
+            state, metrics = setup.train_step.lower(state, batch).compile()(state, batch)
         return jax.device_get(metrics), jax.device_get(state["params"])
 
     reference, ref_params = one_step(small_dit_config(cache, data=1, fsdp=1, tensor=1), jax.devices()[:1])

@@ -18,21 +18,17 @@ SMALL = dict(base_channels=8, channel_multipliers=(1, 2, 2, 2), num_res_blocks=0
              temporal_downsample=(False, True, True), mid_attention=True)
 
 
-# XLA:CPU compiles 2-3x faster without LLVM optimisation; these shapes are tiny, so run time does not matter.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def jitted(vae, fn):
     """fn(vae, x) jitted with the parameters as an argument (not baked-in constants)."""
     graphdef, state = nnx.split(vae)
-    f = jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x), compiler_options=FAST_COMPILE)
+    f = jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x))
     return lambda x: f(state, x)
 
 
 def build(seed=0, **kw) -> VideoVAE:
     """VideoVAE(**kw) with its parameters made by one jitted init (faster than op-by-op here)."""
     graphdef = nnx.split(nnx.eval_shape(lambda: VideoVAE(**kw, rngs=nnx.Rngs(seed))))[0]
-    init = jax.jit(lambda: nnx.split(VideoVAE(**kw, rngs=nnx.Rngs(seed)))[1], compiler_options=FAST_COMPILE)
+    init = jax.jit(lambda: nnx.split(VideoVAE(**kw, rngs=nnx.Rngs(seed)))[1])
     return nnx.merge(graphdef, init())
 
 
@@ -204,7 +200,7 @@ def test_sharded_forward_equals_one_device(vae):
     params = nnx.to_pure_dict(state)
     video = random_video((4, 5, 16, 16, 3), seed=2)
 
-    @jax.jit(compiler_options=FAST_COMPILE)
+    @jax.jit
     def forward(params, video):
         model = nnx.merge(graphdef, params)
         latents = model.encode(video).mean  # one-shot encode; chunked decode (a scan carrying sharded caches)
