@@ -49,7 +49,8 @@ from tests.helpers import SMALL_OVERRIDES  # noqa: E402
 
 CHECKPOINT_EVERY = 2
 TIMING_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device",
-               "train/model_flops_per_step", "train/model_flops_per_s", "train/mfu")
+               "train/model_flops_per_step", "train/model_flops_per_s", "train/mfu", "train/data_wait_frac",
+               "train/peak_memory_gib")
 ENV_MARK = "VLM_FAULT_INJECTION_CACHE"  # set once this process runs under `environment()`
 
 

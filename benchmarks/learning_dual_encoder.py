@@ -29,8 +29,8 @@ def main() -> int:
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    command = ["vlm", "train", "--config=configs/dual_encoder.py:tiny", f"--workdir={args.workdir}", *args.extra]
-    print("$", " ".join(command), flush=True)
+    command = [sys.executable, "-m", "vlm.main", "train", "--config=configs/dual_encoder.py:tiny", f"--workdir={args.workdir}", *args.extra]
+    print("$", " ".join(["vlm", *command[3:]]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user would run it: one CPU device
     start = time.time()
     proc = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)

@@ -52,7 +52,7 @@ from vlm import config as config_lib  # noqa: E402
 from vlm import metrics as metrics_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vlm import flops, sharding, train  # noqa: E402
+from vlm import flops, host_memory, sharding, train  # noqa: E402
 
 ALIASES = {"dtype": "model.dtype", "remat": "model.remat"}
 RESULT_MARK = "THROUGHPUT_RESULT "
@@ -192,15 +192,7 @@ def random_batch(config, num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def peak_bytes() -> int | None:
     """Largest peak_bytes_in_use over this process's devices (None where the backend keeps no stats)."""
-    peaks = []
-    for d in jax.local_devices():
-        try:
-            stats = d.memory_stats()
-        except Exception:  # noqa: BLE001 - not every backend implements it
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
-    return max(peaks) if peaks else None
+    return metrics_lib.peak_memory_bytes()
 
 
 def compiled_bytes(compiled) -> int | None:
@@ -412,6 +404,7 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
+    host_memory.configure()  # as `vlm train` does, before the backend starts (vlm/host_memory.py)
     args, extra = parse_args(argv)
     if args._child:  # one isolated row: print its result for the parent
         row = Row(**json.loads(args._child))

@@ -27,6 +27,40 @@ def test_step_timer_reports_mfu_when_peak_known(monkeypatch):
     assert eta == pytest.approx(40.0)
 
 
+def test_step_timer_reports_data_wait_and_peak_memory(monkeypatch):
+    monkeypatch.setattr(metrics, "peak_memory_bytes", lambda: 3 * 2**30)
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    timer = metrics.StepTimer(batch_size=8, flops_per_step=None, total_steps=100)
+    timer.start(0)
+    timer.data_wait(0.5)
+    timer.data_wait(0.5)
+    now[0] = 4.0
+    out, _ = timer.lap(10)  # 1 s of 4 blocked on the input pipeline
+    assert out["train/data_wait_frac"] == pytest.approx(0.25)
+    assert out["train/peak_memory_gib"] == pytest.approx(3.0)
+    now[0] = 6.0
+    out, _ = timer.lap(20)  # the wait counter restarts at each lap
+    assert out["train/data_wait_frac"] == 0.0
+
+
+def test_peak_memory_is_absent_where_the_backend_keeps_no_stats():
+    assert metrics.peak_memory_bytes() is None  # XLA:CPU: no memory_stats
+
+
+def test_data_wait_warning_names_the_worker_count_to_try(capsys):
+    import ml_collections
+
+    from vlm import train
+
+    data = ml_collections.ConfigDict({"worker_count": 2})
+    assert not train._warn_data_wait(0.05, 100, data)
+    assert capsys.readouterr().out == ""
+    assert train._warn_data_wait(0.4, 100, data)
+    line = capsys.readouterr().out.strip()
+    assert "40% of the time" in line and "--config.data.worker_count=4 (now 2)" in line, line
+
+
 def test_writer_writes_jsonl_and_console(tmp_path, capsys):
     import json
 

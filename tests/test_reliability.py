@@ -25,7 +25,7 @@ from vlm import checkpoint, config as config_lib, metrics, train, workdir as wor
 from vlm.errors import ConfigError
 
 SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device",
-              "train/model_flops_per_step")
+              "train/model_flops_per_step", "train/data_wait_frac", "train/peak_memory_gib")
 STEPS = 8
 
 

@@ -9,7 +9,8 @@ import pytest
 from tests.helpers import SMALL_OVERRIDES, load_checkpoint_params, read_metrics, run_vlm, small_config
 from vlm import sharding, train
 
-SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step")
+SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step",
+              "train/data_wait_frac", "train/peak_memory_gib")  # timing: differs between runs
 
 
 def train_losses(workdir) -> dict[int, float]:
@@ -123,8 +124,10 @@ def test_run_writes_tensorboard_and_progress(resumed_runs):
     assert all("steps_per_s=" in l and "eta=" in l for l in lines[1:])
     row = read_metrics(straight)[1]  # step 2: the first row with speed (step 1 includes the compile)
     for key in ("step", "train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "train/examples_per_s",
-                "train/model_flops_per_step"):
+                "train/model_flops_per_step", "train/data_wait_frac"):
         assert key in row, key
+    assert 0.0 <= row["train/data_wait_frac"] <= 1.0
+    assert "train/peak_memory_gib" not in row  # XLA:CPU keeps no memory statistics
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):

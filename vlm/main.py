@@ -103,6 +103,9 @@ def _require(*names: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    from vlm import host_memory
+
+    host_memory.configure()  # before JAX's CPU backend starts (vlm/host_memory.py)
     from vlm.errors import ConfigError
     from vlm.errors import TrainingDiverged
 

@@ -166,6 +166,20 @@ def _fmt_duration(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
 
 
+def peak_memory_bytes() -> int | None:
+    """The largest peak_bytes_in_use over this process's devices; None where the backend keeps no
+    such statistics (XLA:CPU)."""
+    peaks = []
+    for device in jax.local_devices():
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - not every backend implements memory_stats
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
 class StepTimer:
     """Wall time between log points → steps/s, examples/s, achieved FLOP/s, MFU, ETA."""
 
@@ -180,6 +194,11 @@ class StepTimer:
 
     def start(self, step: int) -> None:
         self._t, self._step = time.perf_counter(), step
+        self._data_wait = 0.0
+
+    def data_wait(self, seconds: float) -> None:
+        """Time the loop spent blocked on the input pipeline (`next(data_iter)`) since the last lap."""
+        self._data_wait = getattr(self, "_data_wait", 0.0) + seconds
 
     def lap(self, step: int) -> tuple[dict[str, float], float | None]:
         """Metrics since the last lap (call after the step's results are on host)."""
@@ -189,7 +208,14 @@ class StepTimer:
         if dsteps <= 0 or dt <= 0:
             return {}, None
         steps_per_s = dsteps / dt
-        out = {"train/steps_per_s": steps_per_s, "train/examples_per_s": steps_per_s * self.batch_size}
+        out = {"train/steps_per_s": steps_per_s, "train/examples_per_s": steps_per_s * self.batch_size,
+               # Dispatch is asynchronous, so the device computes while the host waits for data: this is
+               # the share of wall time the loop could not issue steps (0 = the pipeline keeps up).
+               "train/data_wait_frac": min(getattr(self, "_data_wait", 0.0) / dt, 1.0)}
+        self._data_wait = 0.0
+        peak = peak_memory_bytes()
+        if peak is not None:
+            out["train/peak_memory_gib"] = peak / 2**30
         if self.flops_per_step:
             out["train/model_flops_per_step"] = self.flops_per_step
             achieved = self.flops_per_step * steps_per_s / self.num_devices

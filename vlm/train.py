@@ -10,6 +10,8 @@ config.json → jitted step → loop with logging, evaluators and checkpoints. T
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -189,7 +191,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
         init_plan = init_from.plan(config.init_from, setup.abstract_state["params"])
     config = run_tokenizer.save_to_workdir(config, workdir)  # W/tokenizer.model; its sha256 in config.json
     preempted = PreemptionFlag()
-    timer, pending_skips = None, None
+    timer, pending_skips, warned_data_wait = None, None, False
     last: dict[str, float] = {}
 
     def data_iterator(start_batch: int):
@@ -223,7 +225,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
         # Rows a stopped run wrote after its last checkpoint are dropped: they are written again.
         writer = metrics_lib.MetricWriter(workdir, config.total_steps, config=config, resume_step=start_step)
         for step in range(start_step, config.total_steps):
+            wait_start = time.perf_counter()
             local_batch = next(data_iter)
+            if timer is not None:
+                timer.data_wait(time.perf_counter() - wait_start)
             batch = sharding.global_batch(local_batch, mesh)
             if timer is None:
                 timer = metrics_lib.StepTimer(config.batch_size, model_flops_per_step(setup, batch), config.total_steps)
@@ -241,6 +246,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "train/consecutive_skips"}
                 host.update(pipeline_counters(local_batch))
                 speed, eta = timer.lap(done)
+                if not warned_data_wait:  # once per run
+                    warned_data_wait = _warn_data_wait(speed.get("train/data_wait_frac", 0.0), done, config.data)
                 last.update(host)
                 writer.write(done, {**host, **speed}, eta_s=eta)
             was_preempted = preempted.is_set()
@@ -264,6 +271,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
     checkpointer.close()
     writer.close()
     return last
+
+
+DATA_WAIT_WARNING = 0.10  # warn when the loop waits on the input pipeline more than this share of the time
+
+
+def _warn_data_wait(frac: float, step: int, data_config) -> bool:
+    """One line when the input pipeline holds the steps back, with the worker count to try; → warned."""
+    if frac <= DATA_WAIT_WARNING:
+        return False
+    workers = int(data_config.get("worker_count", 0))
+    suggest = max(2 * workers, min(os.cpu_count() or 1, 4), workers + 1)
+    _log(f"step {step}: {100 * frac:.0f}% of the time went to waiting for input batches "
+         f"(train/data_wait_frac); try --config.data.worker_count={suggest} (now {workers})")
+    return True
 
 
 def _check_skips(consecutive: int, step: int, limit: int, checkpointer) -> None:

@@ -1,0 +1,44 @@
+"""vlm/host_memory.py: with it, XLA:CPU's per-call temporaries stop page-faulting in afresh each call."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Minor page faults over 8 calls of a jitted function with a 36 MB temporary, after 2 warm-up calls.
+PROBE = textwrap.dedent("""
+    import resource, sys
+    from vlm import host_memory
+    applied = host_memory.configure()
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)  # a [3000, 3000] float32 temporary: 36 MB, over glibc's
+    x = jnp.ones((3000, 512))                     # largest mmap threshold (32 MiB)
+    for _ in range(2):
+        f(x).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        f(x).block_until_ready()
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def _faults(env_value: str) -> tuple[str, int]:
+    import os
+
+    env = {**os.environ, "VLM_HOST_MALLOC": env_value, "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, check=True)
+    applied, faults = out.stdout.split()[-2:]
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_tuned_malloc_stops_per_call_page_faults():
+    applied, tuned = _faults("")
+    default_applied, default = _faults("system")
+    assert (applied, default_applied) == ("True", "False")
+    # glibc's defaults mmap each large temporary and unmap it on free: every call faults it in again
+    # (measured: 78-79k faults over the 8 calls). Tuned, freed blocks are reused; the heap still grows now
+    # and then while fragmentation settles (measured: 11-18k).
+    assert default > 8 * 8_000, default
+    assert tuned < 0.6 * default, (tuned, default)
