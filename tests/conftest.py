@@ -8,6 +8,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The `vlm` processes tests start keep glibc's malloc defaults: its tuning (vlm/host_memory.py) speeds up
+# long runs' steps but slows the multi-threaded XLA compile that dominates these short runs by ~10 %
+# (measured: 46.5-48.5 s vs 41.9-44.5 s for test_train's fixture). tests/test_host_memory.py tests it.
+os.environ.setdefault("VLM_HOST_MALLOC", "system")
 # Each test session (each pytest-xdist worker) builds the synthetic set and tokenizer in its own data
 # dir: workers never write one folder at once, and ~/.cache stays untouched.
 if "VLM_DATA_DIR" not in os.environ:
