@@ -191,6 +191,7 @@ class StepTimer:
         self.num_devices = jax.device_count()
         self._t = None
         self._step = None
+        self._data_wait = 0.0  # seconds blocked on the input pipeline since the last lap
 
     def start(self, step: int) -> None:
         self._t, self._step = time.perf_counter(), step
@@ -198,7 +199,7 @@ class StepTimer:
 
     def data_wait(self, seconds: float) -> None:
         """Time the loop spent blocked on the input pipeline (`next(data_iter)`) since the last lap."""
-        self._data_wait = getattr(self, "_data_wait", 0.0) + seconds
+        self._data_wait += seconds
 
     def lap(self, step: int) -> tuple[dict[str, float], float | None]:
         """Metrics since the last lap (call after the step's results are on host)."""
@@ -211,7 +212,7 @@ class StepTimer:
         out = {"train/steps_per_s": steps_per_s, "train/examples_per_s": steps_per_s * self.batch_size,
                # Dispatch is asynchronous, so the device computes while the host waits for data: this is
                # the share of wall time the loop could not issue steps (0 = the pipeline keeps up).
-               "train/data_wait_frac": min(getattr(self, "_data_wait", 0.0) / dt, 1.0)}
+               "train/data_wait_frac": min(self._data_wait / dt, 1.0)}
         self._data_wait = 0.0
         peak = peak_memory_bytes()
         if peak is not None:
