@@ -23,7 +23,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {arg!r} of configs/video_vae.py; choose one of: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # tiny: 1800 steps of batch 8 reach held-out PSNR 28.8 dB in 683 s on an idle 2-core CPU (2.2-2.7 steps/s,
+    # tiny: 1800 steps of batch 8 reach held-out PSNR 28.8 dB in 683-840 s on a 2-core CPU (2.2-2.7 steps/s,
     # ~55 s of startup and compiles, two evals of ~17 s; benchmarks/learning_video_vae.py). Most of the gain comes
     # as the cosine schedule anneals: 800 steps end at 25.5 dB, 1600 at 28.1.
     c.total_steps = 1800
