@@ -29,7 +29,9 @@ def main() -> int:
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
-    command = [sys.executable, "-m", "vlm.main", "train", "--config=configs/dual_encoder.py:tiny", f"--workdir={args.workdir}", *args.extra]
+    # `python -m vlm.main` is the `vlm` console script's entry point (vlm.main:run), run from this checkout.
+    command = [sys.executable, "-m", "vlm.main", "train", "--config=configs/dual_encoder.py:tiny",
+               f"--workdir={args.workdir}", *args.extra]
     print("$", " ".join(["vlm", *command[3:]]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user would run it: one CPU device
     start = time.time()

@@ -190,11 +190,6 @@ def random_batch(config, num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"video": video, "tokens": tokens}
 
 
-def peak_bytes() -> int | None:
-    """Largest peak_bytes_in_use over this process's devices (None where the backend keeps no stats)."""
-    return metrics_lib.peak_memory_bytes()
-
-
 def compiled_bytes(compiled) -> int | None:
     """XLA's own per-device estimate: arguments + outputs - donated aliases + temporaries."""
     try:
@@ -221,7 +216,7 @@ def measure(row: Row) -> dict[str, Any]:
     """Builds, compiles and times one row. Never raises: errors go into result['error']."""
     result: dict[str, Any] = {"name": row.name, "config": row.config}
     phase = "config"
-    peak_before = peak_bytes()
+    peak_before = metrics_lib.peak_memory_bytes()
     try:
         config = row_config(row)
         result.update(
@@ -282,7 +277,7 @@ def measure(row: Row) -> dict[str, Any]:
         state = batch = step_fn = setup = metrics = None  # noqa: F841 - free device memory for the next row
         gc.collect()
         jax.clear_caches()
-    peak_after = peak_bytes()
+    peak_after = metrics_lib.peak_memory_bytes()
     if peak_after is not None:
         result["peak_bytes"] = peak_after
         # Peak is a process-wide high-water mark: a row below an earlier row's peak only knows "≤".

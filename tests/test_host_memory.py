@@ -27,7 +27,8 @@ def _faults(env_value: str) -> tuple[str, int]:
     import os
 
     env = {**os.environ, "VLM_HOST_MALLOC": env_value, "XLA_FLAGS": ""}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
+                         check=True)
     applied, faults = out.stdout.split()[-2:]
     return applied, int(faults)
 

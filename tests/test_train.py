@@ -9,8 +9,8 @@ import pytest
 from tests.helpers import SMALL_OVERRIDES, load_checkpoint_params, read_metrics, run_vlm, small_config
 from vlm import sharding, train
 
-SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device", "train/model_flops_per_step",
-              "train/data_wait_frac", "train/peak_memory_gib")  # timing: differs between runs
+SPEED_KEYS = ("time", "train/steps_per_s", "train/examples_per_s", "train/tflops_per_device",
+              "train/model_flops_per_step", "train/data_wait_frac", "train/peak_memory_gib")  # timing: differs between runs
 
 
 def train_losses(workdir) -> dict[int, float]:
