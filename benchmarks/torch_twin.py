@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -168,8 +169,12 @@ def twin_step_fn(config):
     o = config.optim
     decay = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]  # vlm: every "kernel"
     decay_ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if id(p) not in decay_ids]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+    scale = [model.logit_scale]
+    rest = [p for p in model.parameters() if id(p) not in decay_ids and p is not model.logit_scale]
+    # vlm's optim.lr_multipliers: the first entry whose regex matches "logit_scale" scales its lr (tiny: 10x).
+    scale_lr = next((f for rx, f in o.lr_multipliers if re.fullmatch(rx, "logit_scale")), 1.0) * o.lr
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0},
+                             {"params": scale, "weight_decay": 0.0, "lr": scale_lr}],
                             lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
     warmup, total = o.warmup_steps, config.total_steps
 

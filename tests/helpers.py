@@ -14,6 +14,9 @@ def small_config(**mesh):
     c.eval_batch_size = 16
     c.total_steps = 10
     c.optim.warmup_steps = 0  # the first step must move the parameters
+    # Plain AdamW: tiny's temperature multiplier names the dual encoder's `logit_scale`, which toy tasks
+    # built on this config lack, and tests read the unpartitioned optimizer state (test_freezing tests it).
+    c.optim.lr_multipliers = ()
     c.model.embed_dim = 32
     c.model.video.update(dict(tubelet=(2, 8, 8), width=32, depth=1, num_heads=2, mlp_dim=64))
     c.model.text.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
@@ -42,6 +45,7 @@ SMALL_OVERRIDES = (
     "--config.batch_size=16",
     "--config.eval_batch_size=16",
     "--config.optim.warmup_steps=0",
+    "--config.optim.lr_multipliers=()",
     "--config.model.embed_dim=32",
     "--config.model.video.width=32",
     "--config.model.video.depth=1",
