@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from throughput import apply_override, load_config, parse_pairs, random_batch  # noqa: E402
-from vlm import host_memory, sharding, train  # noqa: E402
+from vlm import host_memory, optim, sharding, train  # noqa: E402
 
 try:
     import torch
@@ -171,8 +170,10 @@ def twin_step_fn(config):
     decay_ids = {id(p) for p in decay}
     scale = [model.logit_scale]
     rest = [p for p in model.parameters() if id(p) not in decay_ids and p is not model.logit_scale]
-    # vlm's optim.lr_multipliers: the first entry whose regex matches "logit_scale" scales its lr (tiny: 10x).
-    scale_lr = next((f for rx, f in o.lr_multipliers if re.fullmatch(rx, "logit_scale")), 1.0) * o.lr
+    # vlm's optim.lr_multipliers (tiny: the temperature at 10x), matched by vlm's own rules; the twin mirrors only
+    # the temperature's entry (an entry naming other parameters matches nothing here: a ConfigError).
+    labels, factors = optim.param_groups(o, {"logit_scale": 0.0})
+    scale_lr = factors[labels["logit_scale"]] * o.lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0},
                              {"params": scale, "weight_decay": 0.0, "lr": scale_lr}],
                             lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
