@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,8 @@ def run(command: list[str]) -> tuple[float, float, str, str]:
     """(launch time, wall seconds, load before, load after) of a command run as a user would: one CPU device."""
     print("$", " ".join(command), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A cold compilation cache, as on a first run (vlm/compilation_cache.py), unless one is named.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vlm_bench_jax_cache_"))
     before, start = load(), time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env)
     if proc.returncode != 0:

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 BAR_R1, BAR_SECONDS = 0.25, 600.0
@@ -34,6 +35,8 @@ def main() -> int:
                f"--workdir={args.workdir}", *args.extra]
     print("$", " ".join(["vlm", *command[3:]]), flush=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user would run it: one CPU device
+    # A cold compilation cache, as on a first run (vlm/compilation_cache.py), unless one is named.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vlm_bench_jax_cache_"))
     start = time.time()
     proc = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
     total = time.time() - start

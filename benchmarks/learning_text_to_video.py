@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,8 @@ def main() -> None:
     root = args.root
     os.makedirs(root, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A cold compilation cache, as on a first run (vlm/compilation_cache.py), unless one is named.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vlm_bench_jax_cache_"))
     env["VLM_DATA_DIR"] = os.path.join(root, "data")
     de, vae, dit = (os.path.join(root, n) for n in ("de", "vae", "dit"))
     de, vae = args.de_workdir or de, args.vae_workdir or vae  # reused runs: their own wall time is listed

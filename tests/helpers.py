@@ -83,12 +83,13 @@ def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None, optimiz
 
 def multiprocess_env() -> dict:
     """The environment for a job of several `vlm` processes (launch/local.py replaces the device count in
-    XLA_FLAGS), without the persistent compilation cache (tests/conftest.py): JAX writes cache entries from
-    process 0 only, so on a warm cache process 0 skips its compiles while the others compile, and under load
-    they miss the 30 s deadline of gloo's start-up handshake."""
+    XLA_FLAGS), with the persistent compilation cache off (tests/conftest.py; an empty value, so vlm's default
+    folder is not used either): JAX writes cache entries from process 0 only, so on a warm cache process 0
+    skips its compiles while the others compile, and under load they miss the 30 s deadline of gloo's
+    start-up handshake."""
     import os
 
-    return {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR="")
 
 
 def read_metrics(workdir) -> list[dict]:

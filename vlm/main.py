@@ -102,6 +102,10 @@ def _require(*names: str) -> None:
         _fail(f"missing --{missing[0]}; usage: {usage}")
 
 
+def _cpu_only() -> bool:
+    return os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
+
+
 def main(argv: list[str]) -> None:
     from vlm import host_memory
 
@@ -120,10 +124,17 @@ def main(argv: list[str]) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
+        mode = "single"
         if command in ("train", "eval", "embed", "data encode"):
             from vlm import distributed
 
-            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            mode = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        from vlm import compilation_cache
+
+        # Not by default for a job of several CPU processes: JAX writes entries from process 0 only, so on a
+        # warm cache it skips its compiles while the others compile, and they can miss the 30 s deadline of
+        # gloo's start-up handshake (seen under load in tests/test_multiprocess.py).
+        compilation_cache.configure(default=not (mode != "single" and _cpu_only()))
         if command == "train":
             _require("config", "workdir")
             try:
