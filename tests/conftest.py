@@ -2,10 +2,11 @@
 import os
 import tempfile
 
-# XLA:CPU compiles without LLVM's optimisation passes: compiling is most of a test's time (tests/helpers.py,
-# FAST_COMPILE_FLAG).
+# XLA:CPU compiles without LLVM's optimisation passes and with its loop emitters: compiling is most of a test's
+# time (tests/helpers.py, FAST_COMPILE_FLAG, the same flags).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    " --xla_cpu_use_fusion_emitters=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The `vlm` processes tests start keep glibc's malloc defaults: its tuning (vlm/host_memory.py) speeds up
