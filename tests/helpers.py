@@ -71,7 +71,8 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emi
 
 
 def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None, optimize: bool = False):
-    """Runs `python -m vlm.main ARGS` in a fresh process with `devices` CPU devices."""
+    """Runs `python -m vlm.main ARGS` in a fresh process with `devices` CPU devices (`env_extra`: variables to set,
+    or with None, to unset)."""
     import os
     import subprocess
     import sys
@@ -80,6 +81,7 @@ def run_vlm(*args, devices: int = 1, timeout: int = 300, env_extra=None, optimiz
     flags = f"--xla_force_host_platform_device_count={devices}" + ("" if optimize else f" {FAST_COMPILE_FLAG}")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     env.update(env_extra or {})
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "vlm.main", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -254,8 +254,11 @@ def test_build_and_train_from_the_command_line(tmp_path):
         "--config.data.name=my_videos", f"--config.data.data_dir={data_dir}", "--config.batch_size=5",
         "--config.eval_batch_size=4", "--config.total_steps=5", "--config.log_every=5", "--config.eval_every=5",
         "--config.checkpoint_every=5",
+        # as a user runs it: vlm's default compilation cache folder (vlm/compilation_cache.py), here under tmp_path
+        env_extra={"JAX_COMPILATION_CACHE_DIR": None, "VLM_CACHE_DIR": str(tmp_path / "vlm_cache")},
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert any(name.startswith("jit_train_step-") for name in os.listdir(tmp_path / "vlm_cache" / "jax"))
     metrics = read_metrics(workdir)
     train = next(m for m in metrics if "train/loss" in m)
     assert np.isfinite(train["train/loss"]) and train["data/skipped"] == 0  # the build skipped them all

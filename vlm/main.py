@@ -129,12 +129,13 @@ def main(argv: list[str]) -> None:
             from vlm import distributed
 
             mode = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        from vlm import compilation_cache
+        if command not in ("tokenizer train", "data build"):  # the others compile
+            from vlm import compilation_cache
 
-        # Not by default for a job of several CPU processes: JAX writes entries from process 0 only, so on a
-        # warm cache it skips its compiles while the others compile, and they can miss the 30 s deadline of
-        # gloo's start-up handshake (seen under load in tests/test_multiprocess.py).
-        compilation_cache.configure(default=not (mode != "single" and _cpu_only()))
+            # Not by default for a job of several CPU processes: JAX writes entries from process 0 only, so on
+            # a warm cache it skips its compiles while the others compile, and they can miss the 30 s deadline
+            # of gloo's start-up handshake (seen under load in tests/test_multiprocess.py).
+            compilation_cache.configure(default=not (mode != "single" and _cpu_only()))
         if command == "train":
             _require("config", "workdir")
             try:
