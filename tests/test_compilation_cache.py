@@ -22,6 +22,7 @@ print(folder, bool(hits), y.tolist())
 
 def run(env: dict, default: bool = True) -> tuple[str, bool, str]:
     env = dict(env, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even this small program
+    env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)  # tests/conftest.py's; configure() sets its own
     program = f"DEFAULT = {default}\n{PROGRAM}"
     proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -37,13 +38,14 @@ def test_default_folder_is_written_then_hit_with_the_same_result(tmp_path):
     assert not hit
     entries = [name for name in os.listdir(folder) if name.startswith("jit__lambda-") and name.endswith("-cache")]
     assert len(entries) == 1, os.listdir(folder)
+    assert os.path.exists(os.path.join(folder, ".lockfile"))  # MAX_BYTES set: JAX's LRU eviction and file lock
     folder, hit, second = run(env)
     assert hit, "a second process did not hit the cache"
     assert second == first
 
 
 def test_no_default_folder_when_not_asked(tmp_path):
-    """vlm/main.py asks for no default folder in a job of several CPU processes (gloo's start-up deadline)."""
+    """vlm/main.py asks for no default folder in a job of several processes (JAX writes from process 0 only)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["VLM_CACHE_DIR"] = str(tmp_path / "vlm_cache")
     folder, hit, _ = run(env, default=False)
@@ -63,4 +65,5 @@ def test_a_named_folder_is_used_as_is(tmp_path):
     folder, _, _ = run(env)
     assert folder == str(tmp_path / "mine")
     assert any(name.startswith("jit_") for name in os.listdir(tmp_path / "mine"))
+    assert (tmp_path / "mine" / ".lockfile").exists()  # a named local folder gets the size limit too
     assert not (tmp_path / "vlm_cache").exists()

@@ -102,8 +102,10 @@ def _require(*names: str) -> None:
         _fail(f"missing --{missing[0]}; usage: {usage}")
 
 
-def _cpu_only() -> bool:
-    return os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def main(argv: list[str]) -> None:
@@ -132,10 +134,9 @@ def main(argv: list[str]) -> None:
         if command not in ("tokenizer train", "data build"):  # the others compile
             from vlm import compilation_cache
 
-            # Not by default for a job of several CPU processes: JAX writes entries from process 0 only, so on
-            # a warm cache it skips its compiles while the others compile, and they can miss the 30 s deadline
-            # of gloo's start-up handshake (seen under load in tests/test_multiprocess.py).
-            compilation_cache.configure(default=not (mode != "single" and _cpu_only()))
+            # A default folder only for one process (a one-host TPU VM is mode "tpu"): JAX writes entries from
+            # process 0 only (vlm/compilation_cache.py).
+            compilation_cache.configure(default=mode == "single" or _process_count() == 1)
         if command == "train":
             _require("config", "workdir")
             try:
