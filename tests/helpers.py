@@ -63,8 +63,8 @@ SMALL_OVERRIDES = (
 
 # XLA:CPU without LLVM's optimisation passes and with its classic loop emitters instead of the MLIR fusion
 # emitters: the tests' programs are tiny and compiling is most of their time (a small_config train step: 31 s to
-# compile by default, 16 s at level 0; on 8 devices with fsdp=8, 6.3-7.1 s at level 0, 4.0-4.2 s with both, the
-# same loss, 0.07 s to run). tests/conftest.py sets it for the test process, run_vlm for the processes it starts;
+# compile by default, 16 s at level 0; on 8 devices with fsdp=8, benchmarks/throughput.py's "compiled in" is
+# 8.6-9.4 s at level 0 and 5.2 s with both, with the same loss; 0.07 s to run). tests/conftest.py sets it for the test process, run_vlm for the processes it starts;
 # learning tests, whose time is running, pass optimize=True (at full optimisation the loop emitters compile the
 # tiny train step slower: 59.5 s vs 34.4 s, benchmarks/README.md).
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"

@@ -23,8 +23,6 @@ import os
 
 MAX_BYTES = 4 << 30
 
-_configured_dir: str | None = None
-
 
 def default_dir() -> str:
     """$VLM_CACHE_DIR/jax, else ~/.cache/vlm/jax."""
@@ -35,13 +33,12 @@ def default_dir() -> str:
 def configure(default: bool = True) -> str | None:
     """Uses $JAX_COMPILATION_CACHE_DIR when set (empty: off), else default_dir() when `default`. Must run before
     the first compile that should be cached. Returns the folder in use, or None when off. Idempotent."""
-    global _configured_dir
     import jax
 
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         folder = os.environ["JAX_COMPILATION_CACHE_DIR"] or None
     elif default:
-        folder = _configured_dir or default_dir()
+        folder = default_dir()
         jax.config.update("jax_compilation_cache_dir", folder)
     else:
         folder = None
@@ -49,5 +46,4 @@ def configure(default: bool = True) -> str | None:
         # A max size also turns on JAX's file lock (the filelock package), so two processes never read an
         # entry while the other writes it. Not on gs:// and the like: the lock would be a local file.
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
-    _configured_dir = folder
     return folder

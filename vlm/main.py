@@ -102,12 +102,6 @@ def _require(*names: str) -> None:
         _fail(f"missing --{missing[0]}; usage: {usage}")
 
 
-def _process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def main(argv: list[str]) -> None:
     from vlm import host_memory
 
@@ -132,11 +126,13 @@ def main(argv: list[str]) -> None:
 
             mode = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if command not in ("tokenizer train", "data build"):  # the others compile
+            import jax
+
             from vlm import compilation_cache
 
             # A default folder only for one process (a one-host TPU VM is mode "tpu"): JAX writes entries from
             # process 0 only (vlm/compilation_cache.py).
-            compilation_cache.configure(default=mode == "single" or _process_count() == 1)
+            compilation_cache.configure(default=mode == "single" or jax.process_count() == 1)
         if command == "train":
             _require("config", "workdir")
             try:
