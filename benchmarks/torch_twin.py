@@ -170,7 +170,7 @@ def twin_step_fn(config):
     decay_ids = {id(p) for p in decay}
     scale = [model.logit_scale]
     rest = [p for p in model.parameters() if id(p) not in decay_ids and p is not model.logit_scale]
-    # vlm's optim.lr_multipliers (tiny: the temperature at 10x), matched by vlm's own rules; the twin mirrors only
+    # vlm's optim.lr_multipliers (tiny: the temperature at 14.3x), matched by vlm's own rules; the twin mirrors only
     # the temperature's entry (an entry naming other parameters matches nothing here: a ConfigError).
     labels, factors = optim.param_groups(o, {"logit_scale": 0.0})
     scale_lr = factors[labels["logit_scale"]] * o.lr

@@ -29,7 +29,7 @@ def test_weight_decay_only_on_kernels():
 
 def test_clipping_bounds_the_update():
     c = dual_encoder.get_config("tiny").optim
-    c.schedule, c.warmup_steps, c.weight_decay, c.grad_clip_norm = "constant", 0, 0.0, 1.0
+    c.schedule, c.warmup_steps, c.weight_decay, c.grad_clip_norm, c.lr = "constant", 0, 0.0, 1.0, 1e-3
     tx, _ = optim.create_optimizer(c, total_steps=10)
     params = {"w": {"kernel": jnp.zeros(3)}}
     state = tx.init(params)
