@@ -23,13 +23,19 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _faults(env_value: str) -> tuple[str, int]:
+def _probe_output(probe: str, malloc: str) -> list[str]:
+    """The last two words a probe prints, run with VLM_HOST_MALLOC=malloc ("" = vlm's tuning, "system")."""
     import os
 
-    env = {**os.environ, "VLM_HOST_MALLOC": env_value, "XLA_FLAGS": ""}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
+    # conftest.py sets VLM_HOST_MALLOC=system and the test XLA_FLAGS for the processes tests start
+    env = {**os.environ, "VLM_HOST_MALLOC": malloc, "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300,
                          check=True)
-    applied, faults = out.stdout.split()[-2:]
+    return out.stdout.split()[-2:]
+
+
+def _faults(env_value: str) -> tuple[str, int]:
+    applied, faults = _probe_output(PROBE, env_value)
     return applied, int(faults)
 
 
@@ -67,12 +73,7 @@ TRIM_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_freed_heap_over_2_gib_is_kept():
-    import os
-
-    env = {**os.environ, "VLM_HOST_MALLOC": ""}  # conftest.py sets "system" for the processes tests start
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], env=env, capture_output=True, text=True, timeout=300,
-                         check=True)
-    first, second = map(int, out.stdout.split()[-2:])
+    first, second = map(int, _probe_output(TRIM_PROBE, ""))
     # The first fill faults in all 537k pages; with the old threshold (2**31 - 1) glibc trimmed the freed
     # top and the second fill faulted all of them again (measured: 537,077); never trimming, it faults none.
     assert first > 500_000, first
