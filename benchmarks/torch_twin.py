@@ -5,7 +5,7 @@
 
 The twin is the dual encoder a PyTorch user would write for `configs/dual_encoder.py:tiny`: the same
 shapes and parameter count (asserted), timm-style blocks (one fused qkv Linear, F.scaled_dot_product_attention),
-divided space-time attention (temporal, spatial, MLP), a 2-block text tower with a padding mask, mean
+the config's video attention (joint over all T'*S tokens, or divided: temporal, spatial, MLP), a 2-block text tower with a padding mask, mean
 pooling, bias-free projections, symmetric InfoNCE with a clamped learned temperature, and AdamW
 (decay on matmul weights only, as vlm's mask) after global-norm clipping, with warmup + cosine.
 
@@ -109,7 +109,9 @@ class VideoTower(nn.Module):
         self.embed = nn.Linear(t * p * q * 3, v.width)
         self.temporal_pos = nn.Parameter(0.02 * torch.randn(num_frames // t, v.width))
         self.spatial_pos = nn.Parameter(0.02 * torch.randn((resolution // p) * (resolution // q), v.width))
-        self.blocks = nn.ModuleList(DividedBlock(v.width, v.num_heads, v.mlp_dim, v.norm_eps) for _ in range(v.depth))
+        self.joint = v.attention == "joint"
+        block = Block if self.joint else DividedBlock
+        self.blocks = nn.ModuleList(block(v.width, v.num_heads, v.mlp_dim, v.norm_eps) for _ in range(v.depth))
         self.norm = nn.LayerNorm(v.width, eps=v.norm_eps)
 
     def forward(self, video):  # uint8 [B, T, H, W, 3] → [B, D]
@@ -119,9 +121,11 @@ class VideoTower(nn.Module):
         x = x.view(b, T // t, t, H // p, p, W // q, q, C).permute(0, 1, 3, 5, 2, 4, 6, 7)
         x = self.embed(x.reshape(b, T // t, (H // p) * (W // q), t * p * q * C))  # [B, T', S, D]
         x = x + self.temporal_pos[None, :, None] + self.spatial_pos[None, None]
+        if self.joint:  # one sequence of T'*S tokens per clip
+            x = x.reshape(b, -1, x.shape[-1])
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x).mean((1, 2))
+        return self.norm(x).mean(tuple(range(1, x.ndim - 1)))
 
 
 class TextTower(nn.Module):
@@ -223,8 +227,8 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config)
     for key, value in parse_pairs(args.set):
         apply_override(config, key, value)
-    if config.model.video.attention != "divided" or config.model.dtype != "float32":
-        sys.exit("the twin models divided space-time attention in float32 (configs/dual_encoder.py:tiny)")
+    if config.model.video.attention not in ("joint", "divided") or config.model.dtype != "float32":
+        sys.exit("the twin models joint or divided space-time attention in float32 (configs/dual_encoder.py:tiny)")
     mesh = sharding.create_mesh(config.mesh)
     setup = train.build(config, mesh)
     local = random_batch(config, config.batch_size)
@@ -264,7 +268,8 @@ def main(argv: list[str]) -> int:
         *(f"| {k} | {1e3 * med[k]:.1f} | {1e3 * min(v):.1f} | {1e3 * max(v):.1f} |" for k, v in times.items()),
         f"| vlm / twin | {med['vlm'] / med['twin']:.3f} | {min(ratios):.3f} | {max(ratios):.3f} |",
     ]
-    env = (f"{args.config}, batch {config.batch_size}, {config.model.dtype}, {vlm_params:,} parameters; "
+    env = (f"{args.config}, {config.model.video.attention} video attention, batch {config.batch_size}, "
+           f"{config.model.dtype}, {vlm_params:,} parameters; "
            f"{args.rounds} rounds × {args.steps} steps each, interleaved; vlm compile {compile_s:.1f} s; "
            f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
            f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; host malloc: {malloc}")

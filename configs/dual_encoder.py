@@ -22,7 +22,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {arg!r} of configs/dual_encoder.py; choose one of: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 400  # tiny: ~5 minutes on 2 CPU cores
+    # tiny: ~3.5 minutes on 2 CPU cores. The cosine over 300 steps rather than 400 anneals sooner: held-out t2v R@1
+    # at step 200 0.828 / 0.773 / 0.844 (seeds 0 / 1 / 2) vs 0.738 / 0.773 over 400; at 250 0.891 / 0.871 / 0.871.
+    c.total_steps = 300
     c.batch_size = 128  # global
     c.eval_batch_size = 256  # global
     c.microbatches = 1  # gradient accumulation: the batch is processed in this many slices
@@ -30,7 +32,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # cadences, mesh, microbatches, evals, checkpoint (batch_size, seed, optim values: with a warning); the
     # model, task, data shapes and vocabulary may not (one line naming the keys, exit 2; vlm/workdir.py).
     c.log_every = 25
-    c.eval_every = 100
+    c.eval_every = 50
     c.checkpoint_every = 200
     # keep ≥ 1 newest checkpoints (a damaged newest one is moved aside to checkpoints/<step>.damaged and the
     # run resumes from the one before); keep_period: also keep every P-th step (0 = off).
@@ -68,7 +70,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # gathers keys/values) | ulysses (all-to-all over heads) | ring (keys/values rotate; any head count).
     c.model.context_parallel = "none"
     c.model.embed_dim = 128
-    c.model.video = dict(attention="divided", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
+    # tiny: joint attention over the clip's 4x4x4 = 64 tokens. Divided space-time attention (B/16, L/14: 8 x 196
+    # tokens) pays for a second attention layer per block and the layout changes between them; at 64 tokens
+    # joint is 23% faster per step (566 vs 738 ms), compiles in 20 s instead of 33, and learns as fast per step
+    # (held-out t2v R@1 at step 250: 0.844 / 0.848 for seeds 0 / 1, divided 0.852 / 0.875; benchmarks/README.md).
+    c.model.video = dict(attention="joint", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)
     # Options public image-text checkpoints need (`vlm convert` sets them; the defaults are vlm's own model):
     c.model.video.update(dict(

@@ -51,6 +51,7 @@ def test_sharded_step_equals_single_device(mesh, single_device_step):
 
 def test_parameters_are_sharded_as_the_rules_say():
     config = small_config(data=2, fsdp=2, tensor=2)
+    config.model.video.attention = "divided"  # B/16's blocks (attn_t, attn_s, mlp); tiny's joint blocks have one attn
     mesh = sharding.create_mesh(config.mesh)
     setup = train.build(config, mesh)
     with sharding.use_mesh(mesh, setup.rules):
