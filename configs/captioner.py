@@ -40,7 +40,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {arg!r} of configs/captioner.py; choose one of: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 400  # tiny: ~5 minutes on 2 idle CPU cores (benchmarks/learning_captioner.py)
+    c.total_steps = 400  # tiny: ~3 minutes on 2 idle CPU cores (benchmarks/learning_captioner.py)
     c.batch_size = 64  # global
     c.eval_batch_size = 128  # global
     c.microbatches = 1  # gradient accumulation: the batch is processed in this many slices
