@@ -5,9 +5,10 @@
 
 The twin is the dual encoder a PyTorch user would write for `configs/dual_encoder.py:tiny`: the same
 shapes and parameter count (asserted), timm-style blocks (one fused qkv Linear, F.scaled_dot_product_attention),
-the config's video attention (joint over all T'*S tokens, or divided: temporal, spatial, MLP), a 2-block text tower with a padding mask, mean
-pooling, bias-free projections, symmetric InfoNCE with a clamped learned temperature, and AdamW
-(decay on matmul weights only, as vlm's mask) after global-norm clipping, with warmup + cosine.
+the config's video attention (joint over all T'*S tokens, or divided: temporal, spatial, MLP), a 2-block text
+tower with a padding mask, mean pooling, bias-free projections, symmetric InfoNCE with a clamped learned
+temperature, and AdamW (decay on matmul weights only, as vlm's mask) after global-norm clipping, with
+warmup + cosine.
 
 Both run on the same random uint8 video / int32 token batch, on all the CPU threads (torch's intra-op
 pool, XLA's). After compiling vlm's step and warming both up, each round times `--steps` vlm steps and

@@ -72,7 +72,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.embed_dim = 128
     # tiny: joint attention over the clip's 4x4x4 = 64 tokens. Divided space-time attention (B/16, L/14: 8 x 196
     # tokens) pays for a second attention layer per block and the layout changes between them; at 64 tokens
-    # joint is 23% faster per step (566 vs 738 ms), compiles in 20 s instead of 33, and learns as fast per step
+    # joint is 23% faster per step (566 vs 738 ms), compiles in 20 s instead of 33, and learns about as fast per step
     # (held-out t2v R@1 at step 250: 0.844 / 0.848 for seeds 0 / 1, divided 0.852 / 0.875; benchmarks/README.md).
     c.model.video = dict(attention="joint", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512)
