@@ -29,6 +29,7 @@ microbatching is plain accumulation (`task.per_example_loss`).
 
 import ml_collections
 
+from vlm import xla_flags
 from vlm.models import captioner, video_encoder
 
 VARIANTS = ("tiny", "B/16", "L/14")
@@ -51,6 +52,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []
+    # XLA flags per platform, set before JAX's backend starts (vlm/xla_flags.py); XLA_FLAGS in the environment win.
+    c.xla_flags = dict(cpu=(), gpu=(), tpu=())
 
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=50, schedule="cosine", end_lr_ratio=0.01,
@@ -134,6 +137,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.checkpoint_every = 2000
         c.checkpoint.keep_period = 20_000
         c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+        c.xla_flags.gpu = xla_flags.GPU_FLAGS  # the latency-hiding scheduler: collectives overlap compute
         c.optim.lr = 5e-4 if size == "B" else 3e-4
         c.optim.warmup_steps = 2000
         c.optim.weight_decay = 0.1

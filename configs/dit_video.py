@@ -24,6 +24,7 @@ Variants:
 
 import ml_collections
 
+from vlm import xla_flags
 from vlm.models import dit, text_encoder
 
 VARIANTS = ("tiny", "B", "1.3B")
@@ -45,6 +46,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint = dict(keep=3, keep_period=0, async_save=True)
     c.mesh = dict(data=-1, fsdp=1, context=1, tensor=1, dcn=dict(data=1, fsdp=1, context=1, tensor=1))
     c.sharding_rules = []
+    # XLA flags per platform, set before JAX's backend starts (vlm/xla_flags.py); XLA_FLAGS in the environment win.
+    c.xla_flags = dict(cpu=(), gpu=(), tpu=())
 
     c.optim = dict(
         name="adamw", lr=1e-3, warmup_steps=100, schedule="cosine", end_lr_ratio=0.05,
@@ -117,6 +120,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.eval_every = 2000
         c.checkpoint_every = 2000
         c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+        c.xla_flags.gpu = xla_flags.GPU_FLAGS  # the latency-hiding scheduler: collectives overlap compute
         c.optim.update(dict(lr=1e-4, warmup_steps=1000, weight_decay=0.0))
         c.ema.decay = 0.9999
         c.model.dtype = "bfloat16"

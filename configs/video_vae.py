@@ -39,6 +39,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # The default rules replicate conv kernels (conv_in / conv_out → None): data parallel. The wan
     # variant shards kernels' output channels over `tensor` when that axis is > 1.
     c.sharding_rules = []
+    # XLA flags per platform, set before JAX's backend starts (vlm/xla_flags.py); XLA_FLAGS in the environment win.
+    c.xla_flags = dict(cpu=(), gpu=(), tpu=())
 
     c.optim = dict(
         name="adamw", lr=3e-3, warmup_steps=50, schedule="cosine", end_lr_ratio=0.02,

@@ -21,6 +21,7 @@ TRAINER_DEFAULTS = {
     "max_skipped_steps": 10,
     "init_from": {"workdir": "", "step": -1, "mapping": (), "strict": True, "use_ema": True},
     "evals": {},
+    "xla_flags": {"cpu": (), "gpu": (), "tpu": ()},
 }
 
 REQUIRED_KEYS = (
@@ -48,6 +49,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         check.integer(config, "checkpoint.keep_period", low=0)
         check.boolean(config, "checkpoint.async_save")
     _check_sharding_rules(config.get("sharding_rules") or ())
+    from vlm import xla_flags
+
+    xla_flags.check(config.get("xla_flags") or {})
     try:
         sizes = sharding.axis_sizes(config.mesh, num_devices)
     except sharding.MeshError as e:

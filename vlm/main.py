@@ -121,6 +121,17 @@ def main(argv: list[str]) -> None:
         _fail(f"unknown command {' '.join(argv[1:]) or '(none)'!r}; use one of: {', '.join(COMMANDS)}")
     try:
         mode = "single"
+        if command == "train":
+            _require("config", "workdir")
+            try:
+                config = FLAGS.config
+                "seed" in config  # a config file that failed to load raises on first access
+            except OSError as e:
+                _fail(_one_line(e, argv).replace("config_config", "--config"))
+            from vlm import xla_flags
+
+            # XLA reads XLA_FLAGS once, when the backend starts: before the process count or the cache touch it.
+            xla_flags.apply(config.get("xla_flags") or {}, log=lambda line: print(line, flush=True))
         if command in ("train", "eval", "embed", "data encode"):
             from vlm import distributed
 
@@ -134,12 +145,6 @@ def main(argv: list[str]) -> None:
             # process 0 only (vlm/compilation_cache.py).
             compilation_cache.configure(default=mode == "single" or jax.process_count() == 1)
         if command == "train":
-            _require("config", "workdir")
-            try:
-                config = FLAGS.config
-                "seed" in config  # a config file that failed to load raises on first access
-            except OSError as e:
-                _fail(_one_line(e, argv).replace("config_config", "--config"))
             from vlm import train
 
             train.train(config, FLAGS.workdir, exit_after_step=FLAGS.exit_after_step)

@@ -23,7 +23,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from vlm import accumulation, init_from, optim, run_tokenizer, sharding, tasks, train_state
+from vlm import accumulation, init_from, optim, run_tokenizer, sharding, tasks, train_state, xla_flags
 from vlm import checkpoint as checkpoint_lib
 from vlm import config as config_lib
 from vlm import metrics as metrics_lib
@@ -170,6 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, exit_after_step: i
     would. Raises TrainingDiverged after `config.max_skipped_steps` consecutive non-finite steps,
     SaveFailed when a checkpoint cannot be written, CheckpointError when none of W's checkpoints restores.
     """
+    xla_flags.apply(config.get("xla_flags") or {}, log=_log)  # before jax.device_count() starts the backend
     config_lib.validate(config, jax.device_count())
     with workdir_lib.Lock(workdir) as lock:
         if lock.taken_over:
