@@ -52,7 +52,7 @@ from vlm import config as config_lib  # noqa: E402
 from vlm import metrics as metrics_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vlm import flops, host_memory, sharding, train  # noqa: E402
+from vlm import flops, host_memory, sharding, train, xla_flags  # noqa: E402
 
 ALIASES = {"dtype": "model.dtype", "remat": "model.remat"}
 RESULT_MARK = "THROUGHPUT_RESULT "
@@ -216,9 +216,13 @@ def measure(row: Row) -> dict[str, Any]:
     """Builds, compiles and times one row. Never raises: errors go into result['error']."""
     result: dict[str, Any] = {"name": row.name, "config": row.config}
     phase = "config"
-    peak_before = metrics_lib.peak_memory_bytes()
+    peak_before = None
     try:
         config = row_config(row)
+        # The row's config.xla_flags, as `vlm train` sets them: only before this process's backend starts (each
+        # --isolate row is a fresh process; in one process, rows after the first say so if theirs differ).
+        xla_flags.apply(config.get("xla_flags") or {}, log=lambda line: _log(row.name, line))  # logs after setting
+        peak_before = metrics_lib.peak_memory_bytes()
         result.update(
             batch=int(config.batch_size), dtype=str(config.model.dtype), remat=str(config.model.remat),
             microbatches=int(config.get("microbatches", 1)),
@@ -307,7 +311,10 @@ def _text(x) -> str:
 
 
 def _log(name: str, message: str) -> None:
-    if jax.process_index() == 0:
+    from jax._src import xla_bridge
+
+    # Asking the process index starts the backend: not before the row's config.xla_flags are set.
+    if not xla_bridge.backends_are_initialized() or jax.process_index() == 0:
         print(f"[throughput:{name}] {message}", file=sys.stderr, flush=True)
 
 
@@ -408,6 +415,11 @@ def main(argv: list[str]) -> int:
         return 0
 
     rows = build_rows(args, extra)
+    if not args.isolate:  # one process: only the first row's config.xla_flags can be set before the backend starts
+        try:
+            xla_flags.apply(row_config(rows[0]).get("xla_flags") or {}, log=lambda line: _log(rows[0].name, line))
+        except Exception:  # noqa: BLE001 - a bad row reports its own one-line error in the table
+            pass
     env = environment()
     print(env, file=sys.stderr, flush=True)
     note = f"{env}; {rows[0].warmup} warm-up + {rows[0].steps} timed steps per row; random in-memory batches"

@@ -35,11 +35,13 @@ def test_bad_flags_fail_config_validation():
 
 
 def test_environment_flags_win_and_the_rest_are_appended():
-    value, kept = xla_flags.merge("--xla_force_host_platform_device_count=8",
-                                  ("--xla_force_host_platform_device_count=3", "--xla_cpu_enable_fast_math=false"))
+    value, added, kept = xla_flags.merge("--xla_force_host_platform_device_count=8",
+                                         ("--xla_force_host_platform_device_count=3", "--xla_cpu_enable_fast_math=false"))
     assert value == "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=false"
-    assert kept == ["xla_force_host_platform_device_count"]
-    assert xla_flags.merge("", ("--xla_dump_to=",)) == ("--xla_dump_to=", [])
+    assert added == ["--xla_cpu_enable_fast_math=false"] and kept == ["xla_force_host_platform_device_count"]
+    assert xla_flags.merge("", ("--xla_dump_to=",)) == ("--xla_dump_to=", ["--xla_dump_to="], [])
+    # Applied once already (vlm train, then train.train): nothing to add, nothing to say.
+    assert xla_flags.merge(value, ("--xla_cpu_enable_fast_math=false",)) == (value, [], [])
 
 
 def test_platform_follows_jax_platforms(monkeypatch):

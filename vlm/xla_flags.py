@@ -62,12 +62,14 @@ def platform() -> str:
     return "cpu"
 
 
-def merge(environment: str, flags: tuple[str, ...]) -> tuple[str, list[str]]:
-    """(XLA_FLAGS with the config's flags appended, the config's flag names the environment already sets)."""
-    present = {m.group(1) for m in re.finditer(r"--(xla_[a-z0-9_]+)", environment)}
-    kept = [f for f in flags if _FLAG.fullmatch(f).group(1) in present]
-    added = [f for f in flags if f not in kept]
-    return " ".join([environment.strip(), *added]).strip(), [_FLAG.fullmatch(f).group(1) for f in kept]
+def merge(environment: str, flags: tuple[str, ...]) -> tuple[str, list[str], list[str]]:
+    """(XLA_FLAGS with the config's flags it lacks appended, those flags, the config's flag names it sets to other
+    values)."""
+    present = {m.group(1): m.group(2) for m in _FLAG.finditer(environment)}
+    named = [(_FLAG.fullmatch(f).group(1), _FLAG.fullmatch(f).group(2), f) for f in flags]
+    kept = [name for name, value, _ in named if name in present and present[name] != value]
+    added = [flag for name, _, flag in named if name not in present]
+    return " ".join([environment.strip(), *added]).strip(), added, kept
 
 
 def _try_in_subprocess(value: str) -> None:
@@ -84,24 +86,27 @@ def _try_in_subprocess(value: str) -> None:
 
 
 def apply(xla_flags: Mapping, log: Callable[[str], None] = print) -> list[str]:
-    """Adds config.xla_flags for this platform to XLA_FLAGS before the backend starts. Returns the flags added."""
+    """Adds config.xla_flags for this platform to XLA_FLAGS before the backend starts. Returns the flags added.
+
+    `log` is called only after XLA_FLAGS is set, so a logger that touches JAX cannot start the backend early.
+    """
     flags = check(xla_flags).get(platform(), ())
     if not flags:
         return []
     from jax._src import xla_bridge
 
     environment = os.environ.get("XLA_FLAGS", "")
-    value, kept = merge(environment, flags)
-    if kept:
-        log(f"XLA_FLAGS from the environment keep their values for {', '.join(kept)} (config.xla_flags differs)")
-    if value == environment.strip():
-        return []
-    if xla_bridge.backends_are_initialized():
-        log(f"config.xla_flags not applied: JAX's backend started before them ({' '.join(flags)}); put them in "
-            f"XLA_FLAGS before starting Python, or train with `vlm train`")
-        return []
-    _try_in_subprocess(value)
-    os.environ["XLA_FLAGS"] = value
-    added = [f for f in flags if _FLAG.fullmatch(f).group(1) not in kept]
-    log(f"XLA_FLAGS += {' '.join(added)} (config.xla_flags, {platform()})")
+    value, added, kept = merge(environment, flags)
+    lines = [f"XLA_FLAGS from the environment keep their values for {', '.join(kept)} (config.xla_flags differs)"
+             ] if kept else []
+    if added and xla_bridge.backends_are_initialized():
+        lines.append(f"config.xla_flags not applied: JAX's backend started before them ({' '.join(added)}); put them "
+                     f"in XLA_FLAGS before starting Python, or train with `vlm train`")
+        added = []
+    elif added:
+        _try_in_subprocess(value)
+        os.environ["XLA_FLAGS"] = value
+        lines.append(f"XLA_FLAGS += {' '.join(added)} (config.xla_flags, {platform()})")
+    for line in lines:
+        log(line)
     return added
