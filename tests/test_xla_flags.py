@@ -50,6 +50,22 @@ def test_platform_follows_jax_platforms(monkeypatch):
         assert xla_flags.platform() == expected
 
 
+def test_platform_without_jax_platforms_follows_the_installed_plugins(monkeypatch, tmp_path):
+    import jax
+
+    jax.devices()  # JAX's own plugin discovery has run: it never sees the fake plugin below
+    if "jax_plugins" not in sys.modules:  # the namespace package this test imports goes away with it
+        monkeypatch.setitem(sys.modules, "jax_plugins", None)
+        monkeypatch.delitem(sys.modules, "jax_plugins")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert xla_flags.platform() == "cpu"  # `pip install -e .[test]` brings no TPU or GPU plugin
+    plugin = tmp_path / "jax_plugins" / "xla_cuda13"  # where jax-cuda13-plugin puts its entry point
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert xla_flags.platform() == "gpu"
+
+
 def test_after_the_backend_started_flags_are_not_applied_and_said_so(monkeypatch):
     import jax
 

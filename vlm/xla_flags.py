@@ -18,8 +18,10 @@ CPU-only subprocess first (~2 s) and raises a one-line ConfigError instead.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -56,8 +58,11 @@ def platform() -> str:
         return {"cuda": "gpu", "rocm": "gpu"}.get(requested, requested)
     if importlib.util.find_spec("libtpu") is not None:
         return "tpu"
-    if any(importlib.util.find_spec(f"jax_{kind}_plugin") is not None
-           for kind in ("cuda12", "cuda13", "rocm6", "rocm7")):
+    # jax-cuda12-plugin and its kin install `jax_cuda12_plugin` and `jax_plugins.xla_cuda12` (ROCm alike).
+    names = {m.name for m in pkgutil.iter_modules()}
+    if importlib.util.find_spec("jax_plugins") is not None:
+        names |= {m.name for m in pkgutil.iter_modules(importlib.import_module("jax_plugins").__path__)}
+    if any(re.fullmatch(r"(jax_(cuda|rocm)\d+_plugin|xla_(cuda|rocm)\d+)", name) for name in names):
         return "gpu"
     return "cpu"
 
