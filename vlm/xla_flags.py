@@ -95,7 +95,8 @@ def apply(xla_flags: Mapping, log: Callable[[str], None] = print) -> list[str]:
 
     `log` is called only after XLA_FLAGS is set, so a logger that touches JAX cannot start the backend early.
     """
-    flags = check(xla_flags).get(platform(), ())
+    checked = check(xla_flags)
+    flags = checked.get(platform(), ()) if any(checked.values()) else ()  # no plugin scan for empty flags
     if not flags:
         return []
     from jax._src import xla_bridge
