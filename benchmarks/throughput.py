@@ -221,7 +221,7 @@ def measure(row: Row) -> dict[str, Any]:
         config = row_config(row)
         # The row's config.xla_flags, as `vlm train` sets them: only before this process's backend starts (each
         # --isolate row is a fresh process; in one process, rows after the first say so if theirs differ).
-        xla_flags.apply(config.get("xla_flags") or {}, log=lambda line: _log(row.name, line))  # logs after setting
+        xla_flags.apply(config.get("xla_flags") or {}, log=lambda line: _log(row.name, line))
         peak_before = metrics_lib.peak_memory_bytes()
         result.update(
             batch=int(config.batch_size), dtype=str(config.model.dtype), remat=str(config.model.remat),

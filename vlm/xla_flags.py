@@ -71,7 +71,7 @@ def merge(environment: str, flags: tuple[str, ...]) -> tuple[str, list[str], lis
     """(XLA_FLAGS with the config's flags it lacks appended, those flags, the config's flag names it sets to other
     values)."""
     present = {m.group(1): m.group(2) for m in _FLAG.finditer(environment)}
-    named = [(_FLAG.fullmatch(f).group(1), _FLAG.fullmatch(f).group(2), f) for f in flags]
+    named = [(*_FLAG.fullmatch(f).groups(), f) for f in flags]  # (name, value, flag); check() vetted the format
     kept = [name for name, value, _ in named if name in present and present[name] != value]
     added = [flag for name, _, flag in named if name not in present]
     return " ".join([environment.strip(), *added]).strip(), added, kept
@@ -96,7 +96,10 @@ def apply(xla_flags: Mapping, log: Callable[[str], None] = print) -> list[str]:
     `log` is called only after XLA_FLAGS is set, so a logger that touches JAX cannot start the backend early.
     """
     checked = check(xla_flags)
-    flags = checked.get(platform(), ()) if any(checked.values()) else ()  # no plugin scan for empty flags
+    if not any(checked.values()):  # the common case: no plugin scan
+        return []
+    where = platform()
+    flags = checked.get(where, ())
     if not flags:
         return []
     from jax._src import xla_bridge
@@ -112,7 +115,7 @@ def apply(xla_flags: Mapping, log: Callable[[str], None] = print) -> list[str]:
     elif added:
         _try_in_subprocess(value)
         os.environ["XLA_FLAGS"] = value
-        lines.append(f"XLA_FLAGS += {' '.join(added)} (config.xla_flags, {platform()})")
+        lines.append(f"XLA_FLAGS += {' '.join(added)} (config.xla_flags, {where})")
     for line in lines:
         log(line)
     return added
