@@ -74,7 +74,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.video = dict(attention="joint", tubelet=(2, 8, 8), width=128, depth=4, num_heads=4, mlp_dim=512)
     # The tower options of configs/dual_encoder.py (set them as the run you start from has them).
     c.model.video.update(dict(pool="mean", pre_norm=False, norm_eps=1e-6, activation="gelu_tanh",
-                              rgb_mean=(0.485, 0.456, 0.406), rgb_std=(0.229, 0.224, 0.225)))
+                              rgb_mean=(0.485, 0.456, 0.406), rgb_std=(0.229, 0.224, 0.225), scan_layers=False))
     # With mesh.context > 1: none | ulysses | ring (joint video attention only; see configs/dual_encoder.py).
     c.model.context_parallel = "none"
     # num_queries: 0 = cross-attend to every video token, Q > 0 = to Q attention-pooled ones.

@@ -76,7 +76,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # scan_layers: one compiled block scanned over depth (compile time flat in depth; benchmarks/compile_time.py)
     # The text tower: the same keys and values as the dual-encoder run it comes from (configs/dual_encoder.py).
     c.model.text = dict(vocab_size=128, width=128, depth=2, num_heads=4, mlp_dim=512, pool="mean", causal=False,
-                        norm_eps=1e-6, activation="gelu_tanh", projection="linear")
+                        norm_eps=1e-6, activation="gelu_tanh", projection="linear", scan_layers=False)
 
     c.data = dict(
         name="synthetic_latents",  # a latent cache written by `vlm data encode --out_name=...`

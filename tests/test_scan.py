@@ -108,3 +108,73 @@ def test_remat_policy_applies_to_the_scanned_body():
     with pytest.raises(ValueError, match="depth 3 must be even"):
         DiT(in_channels=CHANNELS, context_width=CONTEXT_WIDTH, width=32, depth=3, num_heads=2, mlp_dim=64,
             attention="factorised", scan_layers=True, rngs=nnx.Rngs(0))
+
+
+def test_scanned_dual_encoder_trains_like_the_unrolled_one_and_counts_the_same_flops():
+    """model.video / model.text scan_layers: converted parameters give the same loss and the same update, on a
+    mesh of 8 (fsdp 4 × tensor 2); XLA counts a scan's body once, so the FLOP count is made on the unrolled model."""
+    from tests.helpers import random_batch, small_config
+    from vlm import flops, train
+
+    config = small_config(data=1, fsdp=4, tensor=2)
+    config.model.video.depth = config.model.text.depth = 3
+    scanned_config = small_config(data=1, fsdp=4, tensor=2)
+    scanned_config.model.video.update(dict(depth=3, scan_layers=True))
+    scanned_config.model.text.update(dict(depth=3, scan_layers=True))
+    mesh = sharding.create_mesh(config.mesh)
+    prefixes = ("video/encoder/blocks", "text/encoder/blocks")
+    results = {}
+    for name, c in (("unrolled", config), ("scanned", scanned_config)):
+        setup = train.build(c, mesh)
+        batch = sharding.global_batch(random_batch(c, seed=3), mesh)
+        with sharding.use_mesh(mesh, setup.rules):
+            state = setup.init()
+            if name == "unrolled":
+                start = jax.device_get(state["params"])
+            else:  # the unrolled run's initial parameters, stacked
+                stacked = start
+                for prefix in prefixes:
+                    stacked = scan.stack_layers(stacked, prefix)
+                assert stacked["video"]["encoder"]["blocks"]["mlp"]["up"]["kernel"].shape == (3, 32, 64)
+                fresh = lambda x, s: jax.device_put(np.asarray(x), s)
+                params = jax.tree.map(fresh, stacked, setup.state_shardings["params"])
+                # (Adam's moments start at zero whatever the parameters: the fresh ones are the unrolled run's, stacked.)
+                state = {**state, "params": params, **({"ema": params} if "ema" in state else {})}
+            state, metrics = setup.train_step(state, batch)
+        params = jax.device_get(state["params"])
+        if name == "scanned":
+            for prefix in prefixes:
+                params = scan.unstack_layers(params, prefix)
+        results[name] = (float(metrics["train/loss"]), params, flops.model_flops_per_step(setup, batch))
+    (loss_u, params_u, flops_u), (loss_s, params_s, flops_s) = results["unrolled"], results["scanned"]
+    assert abs(loss_u - loss_s) < 1e-5, (loss_u, loss_s)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_u), jax.tree.leaves(params_s), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params_u), jax.tree.leaves(start)))
+    assert moved > 1e-4  # the step really updated the parameters it compares
+    assert flops_u and flops_s == flops_u
+
+
+
+def test_throughput_compile_only_rows_compile_from_shapes_with_the_unrolled_flop_count(tmp_path, monkeypatch):
+    """benchmarks/throughput.py --compile_only (the B/16 unrolled-vs-scanned compile times in benchmarks/README.md)."""
+    import importlib.util
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("throughput_bench", "benchmarks/throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "throughput_bench", throughput)  # its dataclasses look their module up
+    spec.loader.exec_module(throughput)
+    small = ("batch_size=16", "data.num_frames=4", "data.resolution=16", "model.video.width=32", "model.video.depth=2",
+             "model.video.num_heads=2", "model.video.mlp_dim=64", "model.text.width=32", "model.text.num_heads=2",
+             "model.text.mlp_dim=64", "model.embed_dim=32")
+    out = tmp_path / "t.md"
+    argv = ["--config=configs/dual_encoder.py:tiny", "--compile_only", f"--out={out}", *(f"--set={s}" for s in small),
+            "--sweep=unrolled:model.video.scan_layers=False",
+            "--sweep=scanned:model.video.scan_layers=True,model.text.scan_layers=True"]
+    assert throughput.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    assert all(rows[n].get("compile_s", 0) > 0 and "step_s" not in rows[n] and "error" not in rows[n] for n in rows)
+    assert rows["scanned"]["flops_per_step"] == rows["unrolled"]["flops_per_step"] > 0
+    assert "compiled only" in out.read_text()

@@ -51,6 +51,7 @@ class TextEncoder(nnx.Module):
         causal: bool = False,
         norm_eps: float = 1e-6,
         activation: str = "gelu_tanh",
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -58,7 +59,8 @@ class TextEncoder(nnx.Module):
         self.embed = TokenEmbed(vocab_size, width, dtype=dtype, rngs=rngs)
         self.pos = LearnedPositions(max_len, width, "tokens", rngs=rngs)
         self.encoder = Encoder(width, depth, num_heads, mlp_dim, remat=remat, dtype=dtype, attention_impl=attention_impl,
-                               norm_eps=norm_eps, activation=activation, causal=causal, rngs=rngs)
+                               norm_eps=norm_eps, activation=activation, causal=causal, scan_layers=scan_layers,
+                               rngs=rngs)
         self.width = width
         self.pool = pool
 

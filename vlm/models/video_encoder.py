@@ -27,7 +27,7 @@ from vlm.nn.transformer import Encoder
 
 POOLS = ("mean", "cls", "map")
 # Optional `config.model.video` keys passed through to VideoEncoder (absent: its defaults).
-VIDEO_OPTIONS = ("pool", "pre_norm", "norm_eps", "activation", "rgb_mean", "rgb_std")
+VIDEO_OPTIONS = ("pool", "pre_norm", "norm_eps", "activation", "rgb_mean", "rgb_std", "scan_layers")
 
 # ViT sizes (width, depth, heads, mlp): "B" with patch 16 is ViT-B/16.
 VARIANTS: Mapping[str, dict] = {
@@ -81,6 +81,7 @@ class VideoEncoder(nnx.Module):
         rgb_mean: Sequence[float] = IMAGENET_MEAN,
         rgb_std: Sequence[float] = IMAGENET_STD,
         context_parallel: str = "none",
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         if attention not in ("joint", "divided"):
@@ -103,7 +104,8 @@ class VideoEncoder(nnx.Module):
         self.spatial_pos = LearnedPositions((resolution // p) * (resolution // q), width, "tokens", rngs=rngs)
         self.pre_norm = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs) if pre_norm else None
         self.encoder = Encoder(width, depth, num_heads, mlp_dim, block=attention, remat=remat, dtype=dtype,
-                               attention_impl=attention_impl, norm_eps=norm_eps, activation=activation, rngs=rngs)
+                               attention_impl=attention_impl, norm_eps=norm_eps, activation=activation,
+                               scan_layers=scan_layers, rngs=rngs)
         self.head = MapHead(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, norm_eps=norm_eps,
                             activation=activation, rngs=rngs) if pool == "map" else None
         # Joint attention over all T'*S tokens, split over the context axis. (Set on the encoder's attention

@@ -91,19 +91,28 @@ class Encoder(nnx.Module):
         norm_eps: float = 1e-6,
         activation: str = "gelu_tanh",
         causal: bool = False,
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
+        from vlm.nn import scan  # here, not at the top: vlm.nn.scan imports REMAT_POLICIES from this module
+
         check_remat(remat)
         block_cls = {"joint": Block, "divided": DividedBlock}[block]
-        self.blocks = nnx.List([
-            block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl, norm_eps=norm_eps,
-                      activation=activation, causal=causal, rngs=rngs)
-            for _ in range(depth)
-        ])
+        make = lambda rngs: block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl,
+                                      norm_eps=norm_eps, activation=activation, causal=causal, rngs=rngs)
+        # scan_layers: the blocks' parameters stacked ([depth, ...] leaves) and applied by one scan, so the
+        # program holds one block, not `depth` (vlm/nn/scan.py; convert layouts with scan.stack_layers).
+        self.blocks = scan.create(make, depth, rngs) if scan_layers else nnx.List([make(rngs) for _ in range(depth)])
         self.norm = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.remat = remat
+        self.scan_layers = scan_layers
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, logical_axes=("batch", "tokens", "embed")) -> jax.Array:
+        if self.scan_layers:
+            from vlm.nn import scan
+
+            step = lambda blk, x: sharding.constrain(blk(x, mask), logical_axes)
+            return self.norm(scan.apply(self.blocks, step, x, remat=self.remat))
         apply = lambda blk, x, mask: blk(x, mask)
         if self.remat != "none":
             apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])

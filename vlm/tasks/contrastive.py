@@ -28,7 +28,7 @@ LOSSES = ("softmax", "sigmoid")
 
 # Tower options passed from config.model.video / config.model.text when present (a config.json
 # written before they existed builds the model with the constructors' defaults: vlm's own model).
-TEXT_OPTIONS = ("pool", "causal", "norm_eps", "activation")
+TEXT_OPTIONS = ("pool", "causal", "norm_eps", "activation", "scan_layers")
 
 
 def build_text_tower(model_config, max_len: int, rngs: nnx.Rngs) -> TextEncoder:
