@@ -102,3 +102,55 @@ def test_cli_wrong_mapping_exits_2_before_compiling(ema_run, tmp_path):
         "error: config.init_from: source tensor video/encoder/blocks/0/mlp/down/kernel has shape (64, 32) but the "
         "model's video/encoder/blocks/0/mlp/down/kernel has shape (48, 32)"), lines
     assert not (tmp_path / "w" / "checkpoints").exists() or not list((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_other_scan_layout_is_found_by_name_and_shape():
+    """Per-block source tensors A/i/B fill a stacked A/B [L, ...] in block order, and a stacked source fills A/i/B."""
+    blocks = {f"tower/blocks/{i}/mlp/kernel": (4, 8) for i in (2, 0, 1)}
+    stacked, sliced = init_from._other_layout({**blocks, "head/kernel": (8, 2)},
+                                              {"tower/blocks/mlp/kernel": (3, 4, 8), "head/kernel": (8, 2)})
+    assert stacked == {"tower/blocks/mlp/kernel": [f"tower/blocks/{i}/mlp/kernel" for i in range(3)]} and not sliced
+    stacked, sliced = init_from._other_layout({"tower/blocks/mlp/kernel": (3, 4, 8)}, blocks)
+    assert sliced == {f"tower/blocks/{i}/mlp/kernel": ("tower/blocks/mlp/kernel", i) for i in range(3)} and not stacked
+    # A stack of another depth is no match (the plan then names the tensor in a one-line error).
+    assert init_from._other_layout(blocks, {"tower/blocks/mlp/kernel": (4, 4, 8)}) == ({}, {})
+
+
+def test_a_run_loads_into_the_other_scan_layers_setting_and_back(ema_run, tmp_path):
+    """model.video / model.text scan_layers changes the parameter layout; init_from converts either way, onto a
+    sharded mesh, with the source's exact values."""
+    import orbax.checkpoint as ocp
+
+    source, _ = ema_run
+    src = flat(load_checkpoint_params(source, 10, "ema"))
+    config = small_config(data=1, fsdp=2, tensor=1)
+    config.model.video.scan_layers = config.model.text.scan_layers = True
+    config.init_from.update(dict(workdir=str(source)))
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:2])
+    setup = train.build(config, mesh)
+    plan = init_from.plan(config.init_from, setup.abstract_state["params"])
+    assert plan.stacked and not plan.sliced and plan.kept_init == [] and plan.left_out == []
+    assert "stacked from per-block tensors" in plan.summary()
+    with sharding.use_mesh(mesh, setup.rules):
+        params = init_from.apply(plan, setup.init()["params"], setup.state_shardings["params"])
+    loaded = flat(params)
+    kernel = "video/encoder/blocks/mlp/up/kernel"
+    assert loaded[kernel].shape == (1, *src["video/encoder/blocks/0/mlp/up/kernel"].shape)
+    for name, value in loaded.items():
+        unrolled = name.replace("encoder/blocks/", "encoder/blocks/0/")
+        np.testing.assert_array_equal(value, src[unrolled][None] if unrolled != name else src[name])
+    assert params["video"]["encoder"]["blocks"]["mlp"]["up"]["kernel"].sharding == \
+        setup.state_shardings["params"]["video"]["encoder"]["blocks"]["mlp"]["up"]["kernel"]
+    # ... and back: the scanned parameters, saved as a run's checkpoint, load into the unrolled model.
+    scanned_run = tmp_path / "scanned"
+    ocp.PyTreeCheckpointer().save(scanned_run / "checkpoints" / "3" / "params", jax.device_get(params))
+    back = small_config(data=1, fsdp=2, tensor=1)
+    back.init_from.update(dict(workdir=str(scanned_run)))
+    setup = train.build(back, mesh)
+    plan = init_from.plan(back.init_from, setup.abstract_state["params"])
+    assert plan.sliced and not plan.stacked and plan.kept_init == []
+    with sharding.use_mesh(mesh, setup.rules):
+        restored = flat(init_from.apply(plan, setup.init()["params"], setup.state_shardings["params"]))
+    assert restored.keys() == src.keys()
+    for name, value in restored.items():
+        np.testing.assert_array_equal(value, src[name])
