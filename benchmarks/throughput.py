@@ -141,6 +141,7 @@ class Row:
     steps: int
     warmup: int
     flops_only: bool = False
+    compile_only: bool = False
 
 
 def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
@@ -165,7 +166,7 @@ def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
                 config = value
         pairs = [(k, v) for k, v in pairs if k != "config"]
         name = name or args.config.partition(":")[2] or "default"
-        rows.append(Row(name, config, base + pairs, args.steps, args.warmup, args.flops_only))
+        rows.append(Row(name, config, base + pairs, args.steps, args.warmup, args.flops_only, args.compile_only))
     return rows
 
 
@@ -232,12 +233,23 @@ def measure(row: Row) -> dict[str, Any]:
         mesh = sharding.create_mesh(config.mesh)
         result["mesh"] = "x".join(f"{mesh.shape[a]}" for a in sharding.MESH_AXES)
         setup = train.build(config, mesh)
-        local = random_batch(config, config.batch_size // jax.process_count(), seed=jax.process_index())
-        if row.flops_only:
+        if row.flops_only or row.compile_only:
             phase = "flops"
-            shapes = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype) for k, v in local.items()}
+            one = random_batch(config, 1)
+            shapes = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
             result["flops_per_step"], result["flops_source"] = model_flops(setup, shapes)
+            if row.compile_only:  # ahead of time, from shapes (MaxText's train_compile): nothing is allocated
+                phase = "compile"
+                with sharding.use_mesh(mesh, setup.rules):
+                    t = time.perf_counter()
+                    lowered = setup.train_step.lower(setup.abstract_state, shapes)
+                    result["lower_s"] = time.perf_counter() - t
+                    compiled = lowered.compile()
+                result["compile_s"] = time.perf_counter() - t
+                result["xla_bytes"] = compiled_bytes(compiled)
+                _log(row.name, f"lowered in {result['lower_s']:.1f}s, lowered + compiled in {result['compile_s']:.1f}s")
             return result
+        local = random_batch(config, config.batch_size // jax.process_count(), seed=jax.process_index())
         with sharding.use_mesh(mesh, setup.rules):
             phase = "init"
             t = time.perf_counter()
@@ -357,7 +369,7 @@ def table(results: list[dict[str, Any]]) -> str:
             peak_text,
             _gib(r.get("xla_bytes")),
             _num(r.get("compile_s"), ".1f"),
-            ("FAILED " + r["error"]) if r.get("error") else "flops only" if r.get("step_s") is None else "ok",
+            ("FAILED " + r["error"]) if r.get("error") else ("compiled only" if r.get("compile_s") is not None else "flops only") if r.get("step_s") is None else "ok",
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
@@ -388,6 +400,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--sweep", action="append", metavar="NAME:K=V,K=V", help="one table row (repeatable)")
     p.add_argument("--flops_only", action="store_true", help="only count model FLOPs (no state, no steps)")
+    p.add_argument("--compile_only", action="store_true",
+                   help="count FLOPs and compile the train step from shapes (no state, no steps): compile time, XLA's memory")
     p.add_argument("--isolate", action="store_true", help="run each row in its own subprocess")
     p.add_argument("--row_timeout", type=float, default=None, help="with --isolate: seconds before a row is killed")
     p.add_argument("--out", default=None, help="Markdown output (default: $OUT/throughput.md if OUT is set)")
