@@ -89,8 +89,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         rgb_std=(0.229, 0.224, 0.225),  # CLIP: (0.4815, 0.4578, 0.4082) / (0.2686, 0.2613, 0.2758); SigLIP: 0.5 / 0.5
         projection="linear",  # linear (no bias) | linear_bias | none (then width must equal embed_dim)
         # The blocks stacked ([depth, ...] parameters) and applied by one scan: compile time flat in depth
-        # (vlm/nn/scan.py). A checkpoint of the other layout converts with scan.stack_layers / unstack_layers
-        # at video/encoder/blocks and text/encoder/blocks (benchmarks/README.md, "Scanned towers").
+        # (vlm/nn/scan.py). A run of the other layout loads with config.init_from, which stacks or slices the
+        # blocks (vlm/init_from.py); slower per step on CPU (benchmarks/README.md, "Scanned towers").
         scan_layers=False,
     ))
     c.model.text.update(dict(
