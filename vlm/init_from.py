@@ -25,6 +25,7 @@ holds one set of weights) and each device reads only its slices of each tensor.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 
@@ -126,10 +127,10 @@ def plan(init_config, abstract_params) -> Plan:
                 continue
         named[path] = target
     stacked, sliced = _other_layout({t: src[p].shape for p, t in named.items()}, {t: x.shape for t, x in dst.items()})
-    taken = {p for p, t in named.items() if t in {s for ss in stacked.values() for s in ss} | {s for s, _ in sliced.values()}}
+    converted = {s for ss in stacked.values() for s in ss} | {s for s, _ in sliced.values()}  # renamed source names
     for path, target in named.items():
         meta = src[path]
-        if path in taken:
+        if target in converted:
             continue
         if target not in dst:
             if strict:
@@ -193,10 +194,11 @@ def apply(p: Plan, params, shardings):
         block = _with_spec(flat_shardings[target], lambda spec: spec[1:])
         targets.update({s: jax.ShapeDtypeStruct(flat_params[target].shape[1:], flat_params[target].dtype,
                                                 sharding=block) for s in sources})
+    depth = collections.Counter(source for source, _ in p.sliced.values())  # stacked source → its blocks
     for target, (source, _) in p.sliced.items():
         whole = _with_spec(flat_shardings[target], lambda spec: (None, *spec))
-        targets[source] = jax.ShapeDtypeStruct((len([1 for s, _ in p.sliced.values() if s == source]),
-                                                *flat_params[target].shape), flat_params[target].dtype, sharding=whole)
+        targets[source] = jax.ShapeDtypeStruct((depth[source], *flat_params[target].shape), flat_params[target].dtype,
+                                               sharding=whole)
     if p.item == EXPORT_ITEM:
         from vlm import export
 
