@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlm.nn.transformer import REMAT_POLICIES
-
 LAYERS = "layers"  # logical name of the stacked axis
 _METADATA = {nnx.PARTITION_NAME: LAYERS}  # nnx transforms insert / remove it in each parameter's axes
 
@@ -53,6 +51,8 @@ def apply(layers: nnx.Module, body: Callable[[nnx.Module, X], X], x: X, *, remat
     saves inside one step and the carries between steps.
     """
     if remat != "none":
+        from vlm.nn.transformer import REMAT_POLICIES  # not at the top: transformer imports this module
+
         body = nnx.remat(body, policy=REMAT_POLICIES[remat])
     step = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=_METADATA)
     return step(layers, x)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm import sharding
+from vlm.nn import scan
 from vlm.nn.attention import SelfAttention
 from vlm.nn.linear import Dtype, LayerNorm
 from vlm.nn.mlp import Mlp
@@ -94,8 +95,6 @@ class Encoder(nnx.Module):
         scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
-        from vlm.nn import scan  # here, not at the top: vlm.nn.scan imports REMAT_POLICIES from this module
-
         check_remat(remat)
         block_cls = {"joint": Block, "divided": DividedBlock}[block]
         make = lambda rngs: block_cls(width, num_heads, mlp_dim, dtype=dtype, attention_impl=attention_impl,
@@ -109,8 +108,6 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, logical_axes=("batch", "tokens", "embed")) -> jax.Array:
         if self.scan_layers:
-            from vlm.nn import scan
-
             step = lambda blk, x: sharding.constrain(blk(x, mask), logical_axes)
             return self.norm(scan.apply(self.blocks, step, x, remat=self.remat))
         apply = lambda blk, x, mask: blk(x, mask)
