@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import numpy as np
 
 from configs import dual_encoder
@@ -39,6 +42,22 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
         "video": rng.integers(0, 256, (b, d.num_frames, d.resolution, d.resolution, 3), dtype=np.uint8),
         "tokens": tokens,
     }
+
+
+@contextlib.contextmanager
+def jax_traces():
+    """The names of the functions JAX traces inside the block (each jit cache miss traces once), as a list."""
+    names = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            names.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # The same shrinking as small_config(), as command-line overrides of configs/dual_encoder.py:tiny.

@@ -7,12 +7,13 @@ import av
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import video_vae
-from tests.helpers import read_metrics, run_vlm
+from tests.helpers import jax_traces, read_metrics, run_vlm
 from vlm import sharding, train
 from vlm.errors import ConfigError
-from vlm.eval import image_quality, video_files
+from vlm.eval import evaluators, image_quality, video_files
 from vlm.tasks import autoencoding
 
 # A VAE with few layers, so that its train step compiles in seconds: a 4x4 patchify stem and one 2x
@@ -191,6 +192,27 @@ def test_run_logs_losses_and_evaluates_psnr_ssim_with_samples(vae_run):
         # 5 frames; 4 clips of 16 px in rows of input | reconstruction (2 px gaps), scaled 4x / 2x.
         scale = 4 if name.endswith("mp4") else 2
         assert len(frames) == 5 and frames[0].shape == (scale * 4 * 18, scale * 34, 3)
+
+
+def test_evaluators_compile_once_and_repeat_the_runs_numbers(vae_run, tmp_path):
+    """Both evaluators in this process with one task, as the train loop calls them: the run's step-2 numbers
+    (EMA weights, one device), the samples written, and nothing traced or compiled on the second eval."""
+    workdir, _ = vae_run
+    config = train.load_config(str(workdir))
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    setup, model, step = train.restore_params(config, str(workdir), mesh)
+    chosen = evaluators.from_config(config, setup.task)
+    logged = {k: v for r in read_metrics(workdir) if r["step"] == 2 for k, v in r.items() if k.startswith("eval/")}
+    with sharding.use_mesh(mesh, setup.rules), jax_traces() as traced:
+        first = evaluators.run(chosen, model, mesh=mesh, step=step, workdir=str(tmp_path))
+        assert traced
+        del traced[:]
+        again = evaluators.run(chosen, nnx.merge(*nnx.split(model)), mesh=mesh, step=step, workdir=None)
+    assert traced == [] and again == first
+    assert first.keys() == logged.keys()
+    for key in logged:
+        assert first[key] == pytest.approx(logged[key], rel=1e-5), key
+    assert (tmp_path / "samples" / str(step) / "reconstructions.mp4").exists()
 
 
 def test_vlm_reconstruct_prints_psnr_ssim_and_writes_the_video(vae_run, tmp_path):

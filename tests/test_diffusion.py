@@ -16,10 +16,11 @@ from flax import nnx
 
 from configs import dit_video
 from input_pipeline import datasets, latents
-from tests.helpers import load_checkpoint_params, read_metrics, run_vlm
+from tests.helpers import jax_traces, load_checkpoint_params, read_metrics, run_vlm
 from tests.test_autoencoding import overrides, tiny_vae_run
 from vlm import optim, sharding, train
 from vlm.errors import ConfigError
+from vlm.eval import evaluators
 from vlm.tasks import autoencoding, diffusion
 
 HANDFUL = 8  # clips per split in the cache; one batch holds them all
@@ -175,6 +176,26 @@ def test_generation_evaluator_scores_samples_and_vlm_sample_writes_a_video(dit_r
     with av.open(str(out)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (64, 64, 3) and out.with_suffix(".gif").exists()
+
+
+def test_evaluators_compile_once_and_repeat_the_runs_numbers(dit_runs):
+    """fm_loss and generation (sampling, the VAE's decode, the scorer's embeddings) in this process with one
+    task, as the train loop calls them: the run's last numbers, and nothing traced on the second eval."""
+    workdir = str(dit_runs[0])
+    config = train.load_config(workdir)
+    mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+    setup, model, step = train.restore_params(config, workdir, mesh)
+    chosen = evaluators.from_config(config, setup.task)
+    logged = {k: v for r in read_metrics(workdir) if r["step"] == step for k, v in r.items() if k.startswith("eval/")}
+    with sharding.use_mesh(mesh, setup.rules), jax_traces() as traced:
+        first = evaluators.run(chosen, model, mesh=mesh, step=step, workdir=None)
+        assert traced
+        del traced[:]
+        again = evaluators.run(chosen, nnx.merge(*nnx.split(model)), mesh=mesh, step=step, workdir=None)
+    assert traced == [] and again == first
+    assert first.keys() == logged.keys() and "eval/gen_fd" in first
+    for key in logged:
+        assert first[key] == pytest.approx(logged[key], rel=1e-4, abs=1e-6), key
 
 
 def test_sharded_train_step_equals_one_device(cache):

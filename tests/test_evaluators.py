@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import load_checkpoint_params, read_metrics, run_vlm, small_config
-from vlm import train
+from flax import nnx
+
+from tests.helpers import jax_traces, load_checkpoint_params, read_metrics, run_vlm, small_config
+from vlm import sharding, train
 from vlm.errors import ConfigError
 from vlm.eval import evaluators
 
@@ -68,3 +70,19 @@ def test_evaluator_config_errors_are_one_line():
     assert [(e.name, e.every, e.prefix) for e in defaults] == [("retrieval", config.eval_every, "eval/")]
     with pytest.raises(ConfigError, match="--evals: nope not among"):
         evaluators.select(defaults, "nope")
+
+
+def test_an_evaluator_compiles_once_per_run(ema_run):
+    """The loop evaluates a new model object each time (`setup.eval_model(state)`) with the run's one task: after
+    the first eval nothing is traced or compiled again, and the same weights give the same numbers."""
+    workdir, config = ema_run
+    mesh = sharding.create_mesh(config.mesh)
+    setup, model, step = train.restore_params(config, str(workdir), mesh)
+    chosen = evaluators.from_config(config, setup.task)
+    jax.clear_caches()  # (ema_run evaluated this model in this process)
+    with sharding.use_mesh(mesh, setup.rules), jax_traces() as traced:
+        first = evaluators.run(chosen, model, mesh=mesh, step=step, workdir=None)
+        assert traced  # the embedding step
+        del traced[:]
+        again = evaluators.run(chosen, nnx.merge(*nnx.split(model)), mesh=mesh, step=step, workdir=None)
+    assert traced == [] and again == first

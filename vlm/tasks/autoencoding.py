@@ -141,16 +141,17 @@ class Task:
                      ) -> dict[str, float]:
         """The loss terms on the first `num_batches` held-out batches (0 = all), z = the posterior mean."""
         graphdef, state = nnx.split(model)
-
-        @jax.jit
-        def terms(state, batch):
-            out = per_example_terms(nnx.merge(graphdef, state), batch["video"], None)
-            return {**out, "loss": self.combine(out)}
-
-        out, _ = eval_loop.eval_outputs(functools.partial(terms, state), self.config.data,
+        out, _ = eval_loop.eval_outputs(functools.partial(self._heldout_terms, graphdef, state), self.config.data,
                                         global_batch_size=self.config.eval_batch_size, mesh=mesh, host_keys=(),
                                         max_batches=num_batches or None)
         return {k: float(v.mean()) for k, v in out.items()}
+
+    # Jitted evaluation steps are methods or module functions, not closures made per eval: every eval of a run
+    # reuses one compiled program (graphdef and options static and equal from eval to eval; weights as arguments).
+    @functools.partial(jax.jit, static_argnames=("self", "graphdef"))
+    def _heldout_terms(self, graphdef, state, batch):
+        out = per_example_terms(nnx.merge(graphdef, state), batch["video"], None)
+        return {**out, "loss": self.combine(out)}
 
     def reconstruction(self, model: VideoVAE, *, mesh, step: int, workdir: str | None, num_batches: int = 0,
                        num_samples: int = 4, chunk: int = 1) -> dict[str, float]:
@@ -158,20 +159,11 @@ class Task:
         encoded to the posterior mean and decoded `chunk` latent frames at a time; samples in W/samples/<step>/."""
         graphdef, state = nnx.split(model)
         n = max(0, min(num_samples, self.config.eval_batch_size))
-
-        @functools.partial(jax.jit, out_shardings=(None, sharding.replicated(mesh)))
-        def evaluate(state, batch):
-            vae = nnx.merge(graphdef, state)
-            video = batch["video"]
-            recon = to_uint8(video_vae_tiling.decode_chunked(vae, vae.encode(video).mean, chunk))
-            metrics = {"psnr": image_quality.psnr(recon, video).mean(-1),  # [B] (mean over frames)
-                       "ssim": image_quality.ssim(recon, video).mean(-1)}
-            return metrics, {"video": video[:n], "recon": recon[:n]}  # the first rows, on every process
-
         samples = []
 
         def fn(batch):
-            metrics, first = evaluate(state, batch)
+            metrics, first = _reconstruct(graphdef, state, batch, num_samples=n, chunk=chunk,
+                                          replicated=sharding.replicated(mesh))
             if not samples:
                 samples.append(jax.device_get(first))
             return metrics
@@ -185,6 +177,18 @@ class Task:
             video_files.write(folder / "reconstructions.mp4", clips, scale=4)
             video_files.write(folder / "reconstructions.gif", clips, scale=2)
         return {k: float(v.mean()) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "chunk", "replicated"))
+def _reconstruct(graphdef, state, batch, *, num_samples: int, chunk: int, replicated):
+    """({"psnr", "ssim"} [B] (means over frames), the first `num_samples` clips and their reconstructions, on every
+    process) of a batch encoded to the posterior mean and decoded `chunk` latent frames at a time."""
+    vae = nnx.merge(graphdef, state)
+    video = batch["video"]
+    recon = to_uint8(video_vae_tiling.decode_chunked(vae, vae.encode(video).mean, chunk))
+    metrics = {"psnr": image_quality.psnr(recon, video).mean(-1), "ssim": image_quality.ssim(recon, video).mean(-1)}
+    first = {"video": video[:num_samples], "recon": recon[:num_samples]}
+    return metrics, jax.lax.with_sharding_constraint(first, replicated)
 
 
 # ----- sample videos -----

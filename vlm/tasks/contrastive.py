@@ -65,6 +65,14 @@ def sigmoid_loss(video_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Arr
     return -jax.nn.log_sigmoid(labels * logits).sum() / logits.shape[0]
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def embed_pair(graphdef, state, batch) -> dict[str, jax.Array]:
+    """Video and text embeddings [B, E] of a batch. At module level, so every eval of a run reuses one compiled
+    program (the graphdef is static and equal from eval to eval; the weights are arguments, not constants)."""
+    video_emb, text_emb = nnx.merge(graphdef, state)(batch["video"], batch["tokens"])
+    return {"video": video_emb, "text": text_emb}
+
+
 class Task:
     per_example_loss = False  # the loss couples the whole global batch
 
@@ -146,14 +154,8 @@ class Task:
     def retrieval(self, model: DualEncoder, *, mesh, step: int, workdir: str | None) -> dict[str, float]:
         """Text↔video recall@1/5/10, median and mean rank over the held-out pairs; a table in W/samples/<step>/."""
         graphdef, state = nnx.split(model)
-
-        @jax.jit  # the state is an argument, not a closed-over constant
-        def embed(state, batch):
-            video_emb, text_emb = nnx.merge(graphdef, state)(batch["video"], batch["tokens"])
-            return {"video": video_emb, "text": text_emb}  # [B, E] each
-
-        out, host = eval_loop.eval_outputs(functools.partial(embed, state), self.config.data, global_batch_size=self.config.eval_batch_size,
-                                           mesh=mesh)
+        out, host = eval_loop.eval_outputs(functools.partial(embed_pair, graphdef, state), self.config.data,
+                                           global_batch_size=self.config.eval_batch_size, mesh=mesh)
         captions = host["caption"]
         sim = out["text"] @ out["video"].T  # [N(text), N(video)], pair i ↔ i
         metrics = retrieval.retrieval_metrics(sim)

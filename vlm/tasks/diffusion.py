@@ -138,20 +138,22 @@ class Task:
         graphdef, state = nnx.split(model)
         t = self.config.task
 
-        @functools.partial(jax.jit, static_argnames=("steps", "method"))
-        def generate(state, tokens, noise, guidance, *, steps, method):
-            m = nnx.merge(graphdef, state)
-            states, mask = m.text_states(tokens)
-            states2, mask2 = m.dit.guidance_context(states, mask)
-            x0 = sampling.sample(lambda x, s: m.dit(x, s, states2, mask2), noise, steps=steps, sampler=method,
-                                 shift=self.shift(noise.shape[1:]), guidance=guidance)
-            return self.denormalize(x0)
-
         def run(tokens, noise, *, guidance=None, steps=None, method=None):
-            return generate(state, tokens, noise, jnp.float32(t.guidance if guidance is None else guidance),
-                            steps=int(steps or t.sample_steps), method=method or t.sampler)
+            return self._generate(graphdef, state, tokens, noise, jnp.float32(t.guidance if guidance is None else guidance),
+                                  steps=int(steps or t.sample_steps), method=method or t.sampler)
 
         return run
+
+    # Jitted steps are methods or module functions, not closures made per call: every eval of a run reuses one
+    # compiled program (graphdef and options static and equal from eval to eval; weights as arguments).
+    @functools.partial(jax.jit, static_argnames=("self", "graphdef", "steps", "method"))
+    def _generate(self, graphdef, state, tokens, noise, guidance, *, steps: int, method: str):
+        m = nnx.merge(graphdef, state)
+        states, mask = m.text_states(tokens)
+        states2, mask2 = m.dit.guidance_context(states, mask)
+        x0 = sampling.sample(lambda x, s: m.dit(x, s, states2, mask2), noise, steps=steps, sampler=method,
+                             shift=self.shift(noise.shape[1:]), guidance=guidance)
+        return self.denormalize(x0)
 
     # ----- evaluation -----
 
@@ -162,29 +164,30 @@ class Task:
                 seed: int = 0) -> dict[str, float]:
         """Held-out flow-matching loss at fixed t and fixed noise (per example index), no text dropout."""
         graphdef, state = nnx.split(model)
-        times = jnp.asarray(FM_TIMES, jnp.float32)
-
-        @jax.jit
-        def losses(state, batch, index):
-            m = nnx.merge(graphdef, state)
-            x0 = self.normalize(batch["latents"])
-            b = x0.shape[0]
-            states, mask = m.text_states(batch["tokens"])
-
-            def at(t):
-                noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), x0.shape, jnp.float32)
-                tt = jnp.full((b,), t)
-                v = m.dit(flow.interpolate(x0, noise, tt), tt, states, mask)
-                return flow.flow_loss(v, x0, noise, tt, "uniform")  # [B]
-
-            return {"fm": jax.lax.map(at, times).T}  # [B, len(FM_TIMES)]
-
         counter = iter(range(1 << 30))
-        out, _ = eval_loop.eval_outputs(lambda batch: losses(state, batch, next(counter)), self.config.data,
+        losses = lambda batch: self._fm_losses(graphdef, state, batch, next(counter), seed=seed)
+        out, _ = eval_loop.eval_outputs(losses, self.config.data,
                                         global_batch_size=self.config.eval_batch_size, mesh=mesh, host_keys=(),
                                         max_batches=num_batches or None)
         per_t = out["fm"].mean(0)
         return {"fm_loss": float(per_t.mean()), **{f"fm_loss_t{t:.1f}": float(v) for t, v in zip(FM_TIMES, per_t)}}
+
+    @functools.partial(jax.jit, static_argnames=("self", "graphdef", "seed"))
+    def _fm_losses(self, graphdef, state, batch, index, *, seed: int):
+        """{"fm": [B, len(FM_TIMES)]}: the flow-matching loss of each example at each fixed t, the noise fixed by
+        (seed, batch index)."""
+        m = nnx.merge(graphdef, state)
+        x0 = self.normalize(batch["latents"])
+        b = x0.shape[0]
+        states, mask = m.text_states(batch["tokens"])
+
+        def at(t):
+            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), x0.shape, jnp.float32)
+            tt = jnp.full((b,), t)
+            v = m.dit(flow.interpolate(x0, noise, tt), tt, states, mask)
+            return flow.flow_loss(v, x0, noise, tt, "uniform")  # [B]
+
+        return {"fm": jax.lax.map(at, jnp.asarray(FM_TIMES, jnp.float32)).T}
 
     def _run(self, workdir: str):
         """(model, config) of another run (the VAE, the scorer), EMA weights if kept; loaded once."""
@@ -197,14 +200,12 @@ class Task:
 
     def decode_videos(self, latents: np.ndarray) -> np.ndarray:
         """Latents [N, t, h, w, c] → uint8 videos [N, T, H, W, 3] through the VAE run `model.vae_workdir`."""
-        from vlm.models import video_vae, video_vae_tiling
-
         vae_dir = self.config.model.vae_workdir
         if not vae_dir:
             raise ConfigError("config.model.vae_workdir is empty: name the VAE run that made the latent cache")
-        vae, _ = self._run(vae_dir)
-        decode = jax.jit(lambda z: video_vae.to_uint8(video_vae_tiling.decode_chunked(vae, z)))
-        return np.concatenate([np.asarray(decode(jnp.asarray(latents[i:i + 8]))) for i in range(0, len(latents), 8)])
+        graphdef, state = nnx.split(self._run(vae_dir)[0])
+        return np.concatenate([np.asarray(_decode_latents(graphdef, state, jnp.asarray(latents[i:i + 8])))
+                               for i in range(0, len(latents), 8)])
 
     def generation(self, model: TextToVideo, *, mesh, step: int, workdir: str | None, scorer_workdir: str = "",
                    num_prompts: int = 64, steps: int = 0, guidance: float | None = None, sampler: str = "",
@@ -249,10 +250,11 @@ class Task:
             raise ConfigError(f"generated videos {generated.shape[1:4]} do not fit the scorer's {d.num_frames} frames "
                               f"of {d.resolution}px; score with a dual encoder trained on the same clips")
         tokenizer = get_tokenizer(d)
-        embed_video = jax.jit(lambda v: scorer.embed_video(v))
-        embed_text = jax.jit(lambda t: scorer.embed_text(t))
-        videos = lambda v: np.asarray(embed_video(jnp.asarray(v[:, :d.num_frames])))  # first T frames
-        texts = lambda captions: np.asarray(embed_text(jnp.asarray(tokenizer.encode(captions, d.max_text_len))))
+        graphdef, state = nnx.split(scorer)
+        videos = lambda v: np.asarray(  # the first T frames
+            _scorer_embeddings(graphdef, state, jnp.asarray(v[:, :d.num_frames]), kind="video"))
+        texts = lambda captions: np.asarray(
+            _scorer_embeddings(graphdef, state, jnp.asarray(tokenizer.encode(captions, d.max_text_len)), kind="text"))
         gen_emb, real_emb, prompt_emb = videos(generated), videos(real), texts(prompts)
         metrics = {"gen_t2v_r1": generation.prompt_top1(gen_emb @ prompt_emb.T),
                    "gen_t2v_r1_chance": 1.0 / len(prompts),
@@ -264,6 +266,22 @@ class Task:
             return metrics
         metrics.update({f"gen_attr_{a}": v for a, v in generation.attribute_scores(gen_emb, prompt_emb, changed).items()})
         return metrics
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _decode_latents(graphdef, state, latents):
+    """Latents [b, t, h, w, c] → uint8 video [b, T, H, W, 3] through the VAE (graphdef, state)."""
+    from vlm.models import video_vae, video_vae_tiling
+
+    return video_vae.to_uint8(video_vae_tiling.decode_chunked(nnx.merge(graphdef, state), latents))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kind"))
+def _scorer_embeddings(graphdef, state, inputs, *, kind: str):
+    """The dual-encoder scorer's embeddings [b, E] of uint8 videos [b, T, H, W, 3] (kind "video") or tokens
+    [b, L] ("text")."""
+    scorer = nnx.merge(graphdef, state)
+    return scorer.embed_video(inputs) if kind == "video" else scorer.embed_text(inputs)
 
 
 def sample_to_file(workdir: str, prompt: str, out: str, *, num_frames: int = 0, steps: int = 0,
