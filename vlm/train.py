@@ -77,10 +77,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     tx, schedule = optim.create_optimizer(config.optim, config.total_steps, groups)
     ema_decay, ema_start = train_state.ema_config(config)
 
-    def init() -> State:
-        model = task.build_model(nnx.Rngs(config.seed))
-        _, params, variables = nnx.split(model, nnx.Param, ...)
-        params, variables = nnx.to_pure_dict(params), nnx.to_pure_dict(variables)
+    def state_around(params, variables) -> State:
+        """The train state around a fresh model's parameters and other variables (pure dicts)."""
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
@@ -94,7 +92,14 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
             state["model_state"] = variables
         return state
 
-    abstract_state = jax.eval_shape(init)
+    def init() -> State:
+        model = task.build_model(nnx.Rngs(config.seed))
+        _, params, variables = nnx.split(model, nnx.Param, ...)
+        return state_around(nnx.to_pure_dict(params), nnx.to_pure_dict(variables))
+
+    # From the abstract model, not by tracing init: building a model under a trace costs O(leaves²) in flax 0.12
+    # (each rngs.params() compares tracer shardings, whose error message scans the whole trace): B/16 6.6 s.
+    abstract_state = jax.eval_shape(state_around, nnx.to_pure_dict(abstract_params), nnx.to_pure_dict(abstract_vars))
     state_shardings = train_state.shardings(abstract_state, param_shardings, variable_shardings, mesh)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:

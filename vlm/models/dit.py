@@ -53,6 +53,7 @@ from vlm.nn.linear import Dense, Dtype, LayerNorm
 from vlm.nn.mlp import Mlp
 from vlm.nn.modulation import TimestepEmbed, modulate, normalize
 from vlm.nn.patches import patch_grid, patchify, unpatchify
+from vlm.nn.rng import params_key
 from vlm.nn import scan
 from vlm.nn.rope import grid_positions, rope_angles, rotary, wan_axis_dims
 from vlm.nn.transformer import REMAT_POLICIES, check_remat
@@ -73,7 +74,7 @@ TEXT = ("batch", None, "embed")  # the text states: whole on every device of the
 
 def zeros_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None]) -> nnx.Param:
     init = nnx.with_partitioning(nnx.initializers.zeros, tuple(axes))
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32))
+    return nnx.Param(init(params_key(rngs), tuple(shape), jnp.float32))
 
 
 class DiTBlock(nnx.Module):
@@ -172,7 +173,7 @@ class DiT(nnx.Module):
         self.text_hidden = Dense(context_width, width, ("embed", "mlp"), dtype=dtype, kernel_init=text_init, rngs=rngs)
         self.text_out = Dense(width, width, ("mlp", "embed"), dtype=dtype, kernel_init=text_init, rngs=rngs)
         self.null_context = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(rngs.params(), (1, context_width),
+            nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))(params_key(rngs), (1, context_width),
                                                                                   jnp.float32))
         kinds = ["full"] if attention == "full" else ["spatial", "temporal"]
         block = lambda kind, rngs: DiTBlock(width, num_heads, mlp_dim, attention=kind, rope_theta=rope_theta,

@@ -23,6 +23,7 @@ from vlm.nn.attention import CONTEXT_PARALLEL_KINDS, CrossAttention, SelfAttenti
 from vlm.nn.embeddings import IMAGENET_MEAN, IMAGENET_STD, LearnedPositions, TubeletEmbed
 from vlm.nn.linear import LayerNorm
 from vlm.nn.mlp import Mlp
+from vlm.nn.rng import params_key
 from vlm.nn.transformer import Encoder
 
 POOLS = ("mean", "cls", "map")
@@ -46,7 +47,7 @@ class MapHead(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype, attention_impl: str = "xla",
                  norm_eps: float = 1e-6, activation: str = "gelu_tanh", rngs: nnx.Rngs):
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("tokens", "embed"))
-        self.probe = nnx.Param(init(rngs.params(), (1, width), jnp.float32))
+        self.probe = nnx.Param(init(params_key(rngs), (1, width), jnp.float32))
         self.attn = CrossAttention(width, width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.norm = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, dtype=dtype, activation=activation, rngs=rngs)
@@ -99,7 +100,7 @@ class VideoEncoder(nnx.Module):
         self.embed = TubeletEmbed(tubelet, width, dtype=dtype, rgb_mean=rgb_mean, rgb_std=rgb_std, rngs=rngs)
         # One learned token per frame; its spatial position is folded in (CLIP's class_embedding + position 0).
         cls_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed",))
-        self.cls_token = nnx.Param(cls_init(rngs.params(), (width,), jnp.float32)) if pool == "cls" else None
+        self.cls_token = nnx.Param(cls_init(params_key(rngs), (width,), jnp.float32)) if pool == "cls" else None
         self.temporal_pos = LearnedPositions(-(-num_frames // t), width, "frames", rngs=rngs)
         self.spatial_pos = LearnedPositions((resolution // p) * (resolution // q), width, "tokens", rngs=rngs)
         self.pre_norm = LayerNorm(width, dtype=dtype, eps=norm_eps, rngs=rngs) if pre_norm else None

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlm.nn.linear import Dtype
+from vlm.nn.rng import params_key
 
 _fan_in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -74,11 +75,11 @@ class CausalConv3d(nnx.Module):
         in_axis, out_axis = axes
         self.kernel = nnx.Param(
             nnx.with_partitioning(kernel_init, (None, None, None, in_axis, out_axis))(
-                rngs.params(), (kt, kh, kw, in_channels, out_channels), jnp.float32
+                params_key(rngs), (kt, kh, kw, in_channels, out_channels), jnp.float32
             )
         )
         self.bias = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.zeros, (out_axis,))(rngs.params(), (out_channels,), jnp.float32)
+            nnx.with_partitioning(nnx.initializers.zeros, (out_axis,))(params_key(rngs), (out_channels,), jnp.float32)
         )
 
     @property

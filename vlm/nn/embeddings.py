@@ -11,6 +11,7 @@ from flax import nnx
 
 from vlm import sharding
 from vlm.nn.linear import Dense, Dtype
+from vlm.nn.rng import params_key
 
 # Video arrives as uint8 and the model normalises (DESIGN.md): (x/255 - mean) / std per channel.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the default; CLIP: (0.4815, 0.4578, 0.4082), SigLIP: (0.5, 0.5, 0.5)
@@ -58,7 +59,7 @@ class LearnedPositions(nnx.Module):
 
     def __init__(self, max_len: int, width: int, axis_name: str, *, rngs: nnx.Rngs):
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), (axis_name, "embed"))
-        self.table = nnx.Param(init(rngs.params(), (max_len, width), jnp.float32))
+        self.table = nnx.Param(init(params_key(rngs), (max_len, width), jnp.float32))
 
     def __call__(self, n: int) -> jax.Array:
         if n > self.table[...].shape[0]:
@@ -71,7 +72,7 @@ class TokenEmbed(nnx.Module):
 
     def __init__(self, vocab_size: int, width: int, *, dtype: Dtype, rngs: nnx.Rngs):
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
-        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, width), jnp.float32))
+        self.embedding = nnx.Param(init(params_key(rngs), (vocab_size, width), jnp.float32))
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:

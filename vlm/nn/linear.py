@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlm.nn.rng import params_key
+
 Dtype = jnp.dtype | str
 
 default_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -34,10 +36,10 @@ class Dense(nnx.Module):
         assert len(axes) == 1 + len(out_shape), (axes, out_shape)
         self.dtype = dtype
         self.kernel = nnx.Param(
-            nnx.with_partitioning(kernel_init, tuple(axes))(rngs.params(), (in_features, *out_shape), jnp.float32)
+            nnx.with_partitioning(kernel_init, tuple(axes))(params_key(rngs), (in_features, *out_shape), jnp.float32)
         )
         self.bias = (
-            nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, tuple(axes[1:]))(rngs.params(), out_shape, jnp.float32))
+            nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, tuple(axes[1:]))(params_key(rngs), out_shape, jnp.float32))
             if use_bias
             else None
         )
@@ -57,8 +59,8 @@ class DenseOut(nnx.Module):
         in_shape = tuple(in_shape)
         self.dtype = dtype
         fan_in_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(len(in_shape))), out_axis=-1)
-        self.kernel = nnx.Param(nnx.with_partitioning(fan_in_init, tuple(axes))(rngs.params(), (*in_shape, out_features), jnp.float32))
-        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (axes[-1],))(rngs.params(), (out_features,), jnp.float32))
+        self.kernel = nnx.Param(nnx.with_partitioning(fan_in_init, tuple(axes))(params_key(rngs), (*in_shape, out_features), jnp.float32))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (axes[-1],))(params_key(rngs), (out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = len(self.kernel[...].shape) - 1
@@ -73,8 +75,8 @@ class LayerNorm(nnx.Module):
     def __init__(self, features: int, *, dtype: Dtype = jnp.float32, eps: float = 1e-6, rngs: nnx.Rngs):
         self.dtype = dtype
         self.eps = eps
-        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(rngs.params(), (features,), jnp.float32))
-        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(rngs.params(), (features,), jnp.float32))
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(params_key(rngs), (features,), jnp.float32))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(params_key(rngs), (features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -91,7 +93,7 @@ class RMSNorm(nnx.Module):
                  rngs: nnx.Rngs):
         self.dtype = dtype
         self.eps = eps
-        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, (axis_name,))(rngs.params(), (features,), jnp.float32))
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, (axis_name,))(params_key(rngs), (features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

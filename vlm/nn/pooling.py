@@ -14,6 +14,7 @@ from flax import nnx
 from vlm import sharding
 from vlm.nn.attention import CrossAttention
 from vlm.nn.linear import Dtype, LayerNorm
+from vlm.nn.rng import params_key
 
 
 class AttentionPool(nnx.Module):
@@ -22,7 +23,7 @@ class AttentionPool(nnx.Module):
         if num_queries <= 0:
             raise ValueError(f"AttentionPool needs num_queries ≥ 1, got {num_queries}")
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("tokens", "embed"))
-        self.queries = nnx.Param(init(rngs.params(), (num_queries, width), jnp.float32))
+        self.queries = nnx.Param(init(params_key(rngs), (num_queries, width), jnp.float32))
         self.attn = CrossAttention(width, context_width, num_heads, dtype=dtype, impl=attention_impl, rngs=rngs)
         self.norm = LayerNorm(width, dtype=dtype, rngs=rngs)
         self.dtype = dtype
