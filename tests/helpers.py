@@ -46,12 +46,14 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def jax_traces():
-    """The names of the functions JAX traces inside the block (each jit cache miss traces once), as a list."""
+    """What JAX traces or compiles inside the block, as a list of "trace NAME" / "compile NAME" (a jit cache miss
+    traces; a retrace or a new input sharding compiles)."""
     names = []
+    kinds = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/backend_compile_duration": "compile"}
 
     def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            names.append(kwargs.get("fun_name", "?"))
+        if event in kinds:
+            names.append(f"{kinds[event]} {kwargs.get('fun_name', '?')}")
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

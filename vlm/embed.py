@@ -136,6 +136,7 @@ def embed(model_path: str, output: str, *, name: str | None = None, split: str |
     from jax.experimental import multihost_utils
 
     from vlm import loading
+    from vlm.tasks import contrastive
 
     loaded = loading.load(model_path, devices=jax.devices())
     shards = loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"]
@@ -147,11 +148,11 @@ def embed(model_path: str, output: str, *, name: str | None = None, split: str |
     state = nnx.state(loaded.model)
     spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
     with sharding.use_mesh(loaded.mesh, loaded.rules):
-        embed_pair = jax.jit(lambda state, video, tokens: nnx.merge(graphdef, state)(video, tokens))  # as eval does
         video_parts, text_parts, meta = [], [], {c: [] for c in COLUMNS}
         for local in batches:
             batch = sharding.global_batch({"video": local["video"], "tokens": local["tokens"]}, loaded.mesh)
-            video_emb, text_emb = embed_pair(state, batch["video"], batch["tokens"])
+            out = contrastive.embed_pair(graphdef, state, batch)  # the retrieval eval's own step
+            video_emb, text_emb = out["video"], out["text"]
             mask = np.asarray(local["mask"])
             for out, parts in ((video_emb, video_parts), (text_emb, text_parts)):
                 mine = multihost_utils.global_array_to_host_local_array(out, loaded.mesh, spec)

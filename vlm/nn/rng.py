@@ -17,6 +17,8 @@ def params_key(rngs: nnx.Rngs) -> jax.Array:
     """The key `rngs.params()` returns (fold_in(key, count)), advancing the count the same way, in O(1)."""
     stream = rngs.params  # the "params" stream, or "default" when there is none
     count = stream.count
+    if not isinstance(count.get_raw_value(), jax.Array):  # a mutable Ref (nnx.var_defaults(ref=True)): cheap already
+        return stream()
     key = jax.random.fold_in(stream.key[...], count[...])
     count.set_raw_value(count.get_raw_value() + 1)  # checks the trace level, as set_value does; no sharding compare
     return key

@@ -119,10 +119,15 @@ class Task:
         rng = rng if self.task_config.sample_posterior else None
         return per_example_terms(model, batch["video"], rng)  # each [B]
 
+    @property
+    def loss_weights(self) -> tuple[float, float, float]:
+        """(l1, l2, kl) weights of the per-example loss."""
+        t = self.task_config
+        return float(t.l1_weight), float(t.l2_weight), float(t.kl_weight)
+
     def combine(self, terms: dict[str, jax.Array]) -> jax.Array:
         """The weighted per-example loss [B]."""
-        t = self.task_config
-        return t.l1_weight * terms["l1"] + t.l2_weight * terms["l2"] + t.kl_weight * terms["kl"]
+        return combine_terms(terms, self.loss_weights)
 
     def loss(self, model: VideoVAE, features, batch):
         del model, batch
@@ -141,17 +146,11 @@ class Task:
                      ) -> dict[str, float]:
         """The loss terms on the first `num_batches` held-out batches (0 = all), z = the posterior mean."""
         graphdef, state = nnx.split(model)
-        out, _ = eval_loop.eval_outputs(functools.partial(self._heldout_terms, graphdef, state), self.config.data,
+        out, _ = eval_loop.eval_outputs(functools.partial(_heldout_terms, graphdef, state, weights=self.loss_weights),
+                                        self.config.data,
                                         global_batch_size=self.config.eval_batch_size, mesh=mesh, host_keys=(),
                                         max_batches=num_batches or None)
         return {k: float(v.mean()) for k, v in out.items()}
-
-    # Jitted evaluation steps are methods or module functions, not closures made per eval: every eval of a run
-    # reuses one compiled program (graphdef and options static and equal from eval to eval; weights as arguments).
-    @functools.partial(jax.jit, static_argnames=("self", "graphdef"))
-    def _heldout_terms(self, graphdef, state, batch):
-        out = per_example_terms(nnx.merge(graphdef, state), batch["video"], None)
-        return {**out, "loss": self.combine(out)}
 
     def reconstruction(self, model: VideoVAE, *, mesh, step: int, workdir: str | None, num_batches: int = 0,
                        num_samples: int = 4, chunk: int = 1) -> dict[str, float]:
@@ -177,6 +176,21 @@ class Task:
             video_files.write(folder / "reconstructions.mp4", clips, scale=4)
             video_files.write(folder / "reconstructions.gif", clips, scale=2)
         return {k: float(v.mean()) for k, v in out.items()}
+
+
+def combine_terms(terms: dict[str, jax.Array], weights: tuple[float, float, float]) -> jax.Array:
+    """The weighted per-example loss [B] of the terms {"l1", "l2", "kl"} [B]."""
+    l1_weight, l2_weight, kl_weight = weights
+    return l1_weight * terms["l1"] + l2_weight * terms["l2"] + kl_weight * terms["kl"]
+
+
+# The jitted evaluation steps are module functions, not closures made per eval: every eval of a run reuses one
+# compiled program (graphdef and options static, equal from eval to eval; weights as arguments), and the jit
+# cache holds no task.
+@functools.partial(jax.jit, static_argnames=("graphdef", "weights"))
+def _heldout_terms(graphdef, state, batch, *, weights: tuple[float, float, float]):
+    out = per_example_terms(nnx.merge(graphdef, state), batch["video"], None)
+    return {**out, "loss": combine_terms(out, weights)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "chunk", "replicated"))

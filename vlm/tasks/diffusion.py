@@ -89,13 +89,16 @@ class Task:
             latents.check_vae_hash(info, expected)
         return info
 
-    def normalize(self, z: jax.Array) -> jax.Array:
+    def latent_stats(self) -> tuple[jax.Array, jax.Array]:
+        """Per-channel (mean, std) float32 [c] of the latent dataset."""
         info = self.latent_info
-        return (z.astype(jnp.float32) - jnp.asarray(info["mean"], jnp.float32)) / jnp.asarray(info["std"], jnp.float32)
+        return jnp.asarray(info["mean"], jnp.float32), jnp.asarray(info["std"], jnp.float32)
+
+    def normalize(self, z: jax.Array) -> jax.Array:
+        return normalize_latents(z, *self.latent_stats())
 
     def denormalize(self, x: jax.Array) -> jax.Array:
-        info = self.latent_info
-        return x * jnp.asarray(info["std"], jnp.float32) + jnp.asarray(info["mean"], jnp.float32)
+        return denormalize_latents(x, *self.latent_stats())
 
     def shift(self, latent_shape) -> float:
         """The timestep shift: task.shift, or sqrt(tokens / base_tokens) (SD3 / Open-Sora) when it is 0."""
@@ -139,21 +142,11 @@ class Task:
         t = self.config.task
 
         def run(tokens, noise, *, guidance=None, steps=None, method=None):
-            return self._generate(graphdef, state, tokens, noise, jnp.float32(t.guidance if guidance is None else guidance),
-                                  steps=int(steps or t.sample_steps), method=method or t.sampler)
+            return _generate(graphdef, state, tokens, noise, jnp.float32(t.guidance if guidance is None else guidance),
+                             *self.latent_stats(), steps=int(steps or t.sample_steps), method=method or t.sampler,
+                             shift=self.shift(noise.shape[1:]))
 
         return run
-
-    # Jitted steps are methods or module functions, not closures made per call: every eval of a run reuses one
-    # compiled program (graphdef and options static and equal from eval to eval; weights as arguments).
-    @functools.partial(jax.jit, static_argnames=("self", "graphdef", "steps", "method"))
-    def _generate(self, graphdef, state, tokens, noise, guidance, *, steps: int, method: str):
-        m = nnx.merge(graphdef, state)
-        states, mask = m.text_states(tokens)
-        states2, mask2 = m.dit.guidance_context(states, mask)
-        x0 = sampling.sample(lambda x, s: m.dit(x, s, states2, mask2), noise, steps=steps, sampler=method,
-                             shift=self.shift(noise.shape[1:]), guidance=guidance)
-        return self.denormalize(x0)
 
     # ----- evaluation -----
 
@@ -165,29 +158,13 @@ class Task:
         """Held-out flow-matching loss at fixed t and fixed noise (per example index), no text dropout."""
         graphdef, state = nnx.split(model)
         counter = iter(range(1 << 30))
-        losses = lambda batch: self._fm_losses(graphdef, state, batch, next(counter), seed=seed)
+        stats = self.latent_stats()
+        losses = lambda batch: _fm_losses(graphdef, state, batch, next(counter), *stats, seed=seed)
         out, _ = eval_loop.eval_outputs(losses, self.config.data,
                                         global_batch_size=self.config.eval_batch_size, mesh=mesh, host_keys=(),
                                         max_batches=num_batches or None)
         per_t = out["fm"].mean(0)
         return {"fm_loss": float(per_t.mean()), **{f"fm_loss_t{t:.1f}": float(v) for t, v in zip(FM_TIMES, per_t)}}
-
-    @functools.partial(jax.jit, static_argnames=("self", "graphdef", "seed"))
-    def _fm_losses(self, graphdef, state, batch, index, *, seed: int):
-        """{"fm": [B, len(FM_TIMES)]}: the flow-matching loss of each example at each fixed t, the noise fixed by
-        (seed, batch index)."""
-        m = nnx.merge(graphdef, state)
-        x0 = self.normalize(batch["latents"])
-        b = x0.shape[0]
-        states, mask = m.text_states(batch["tokens"])
-
-        def at(t):
-            noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), x0.shape, jnp.float32)
-            tt = jnp.full((b,), t)
-            v = m.dit(flow.interpolate(x0, noise, tt), tt, states, mask)
-            return flow.flow_loss(v, x0, noise, tt, "uniform")  # [B]
-
-        return {"fm": jax.lax.map(at, jnp.asarray(FM_TIMES, jnp.float32)).T}
 
     def _run(self, workdir: str):
         """(model, config) of another run (the VAE, the scorer), EMA weights if kept; loaded once."""
@@ -266,6 +243,48 @@ class Task:
             return metrics
         metrics.update({f"gen_attr_{a}": v for a, v in generation.attribute_scores(gen_emb, prompt_emb, changed).items()})
         return metrics
+
+
+def normalize_latents(z: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """(z − mean_c) / std_c, float32, per channel (the last axis)."""
+    return (z.astype(jnp.float32) - mean) / std
+
+
+def denormalize_latents(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """The inverse of `normalize_latents`: x · std_c + mean_c."""
+    return x * std + mean
+
+
+# The jitted sampling and evaluation steps are module functions, not closures made per call: every eval of a run
+# reuses one compiled program (graphdef and options static, equal from eval to eval; weights and latent statistics
+# as arguments), and the jit cache holds no task (with its loaded VAE and scorer).
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "method", "shift"))
+def _generate(graphdef, state, tokens, noise, guidance, mean, std, *, steps: int, method: str, shift: float):
+    """Latents (denormalised) [B, t, h, w, c] sampled from noise [B, t, h, w, c] for tokens [B, L]."""
+    m = nnx.merge(graphdef, state)
+    states, mask = m.text_states(tokens)
+    states2, mask2 = m.dit.guidance_context(states, mask)
+    x0 = sampling.sample(lambda x, s: m.dit(x, s, states2, mask2), noise, steps=steps, sampler=method, shift=shift,
+                         guidance=guidance)
+    return denormalize_latents(x0, mean, std)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "seed"))
+def _fm_losses(graphdef, state, batch, index, mean, std, *, seed: int):
+    """{"fm": [B, len(FM_TIMES)]}: the flow-matching loss of each example at each fixed t, the noise fixed by
+    (seed, batch index)."""
+    m = nnx.merge(graphdef, state)
+    x0 = normalize_latents(batch["latents"], mean, std)
+    b = x0.shape[0]
+    states, mask = m.text_states(batch["tokens"])
+
+    def at(t):
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), x0.shape, jnp.float32)
+        tt = jnp.full((b,), t)
+        v = m.dit(flow.interpolate(x0, noise, tt), tt, states, mask)
+        return flow.flow_loss(v, x0, noise, tt, "uniform")  # [B]
+
+    return {"fm": jax.lax.map(at, jnp.asarray(FM_TIMES, jnp.float32)).T}
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
