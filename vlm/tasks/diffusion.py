@@ -89,16 +89,19 @@ class Task:
             latents.check_vae_hash(info, expected)
         return info
 
-    def latent_stats(self) -> tuple[jax.Array, jax.Array]:
-        """Per-channel (mean, std) float32 [c] of the latent dataset."""
+    def latent_stats(self) -> tuple:
+        """The latent dataset's per-channel mean and std [c] as a hashable (("mean", ...), ("std", ...)): a static
+        argument of the jitted steps below (`dict(...)` of it is an info for input_pipeline.latents)."""
         info = self.latent_info
-        return jnp.asarray(info["mean"], jnp.float32), jnp.asarray(info["std"], jnp.float32)
+        return tuple((k, tuple(np.asarray(info[k], np.float32).tolist())) for k in ("mean", "std"))
 
     def normalize(self, z: jax.Array) -> jax.Array:
-        return normalize_latents(z, *self.latent_stats())
+        info = self.latent_info
+        return (z.astype(jnp.float32) - jnp.asarray(info["mean"], jnp.float32)) / jnp.asarray(info["std"], jnp.float32)
 
     def denormalize(self, x: jax.Array) -> jax.Array:
-        return denormalize_latents(x, *self.latent_stats())
+        info = self.latent_info
+        return x * jnp.asarray(info["std"], jnp.float32) + jnp.asarray(info["mean"], jnp.float32)
 
     def shift(self, latent_shape) -> float:
         """The timestep shift: task.shift, or sqrt(tokens / base_tokens) (SD3 / Open-Sora) when it is 0."""
@@ -143,7 +146,7 @@ class Task:
 
         def run(tokens, noise, *, guidance=None, steps=None, method=None):
             return _generate(graphdef, state, tokens, noise, jnp.float32(t.guidance if guidance is None else guidance),
-                             *self.latent_stats(), steps=int(steps or t.sample_steps), method=method or t.sampler,
+                             stats=self.latent_stats(), steps=int(steps or t.sample_steps), method=method or t.sampler,
                              shift=self.shift(noise.shape[1:]))
 
         return run
@@ -159,7 +162,7 @@ class Task:
         graphdef, state = nnx.split(model)
         counter = iter(range(1 << 30))
         stats = self.latent_stats()
-        losses = lambda batch: _fm_losses(graphdef, state, batch, next(counter), *stats, seed=seed)
+        losses = lambda batch: _fm_losses(graphdef, state, batch, next(counter), stats=stats, seed=seed)
         out, _ = eval_loop.eval_outputs(losses, self.config.data,
                                         global_batch_size=self.config.eval_batch_size, mesh=mesh, host_keys=(),
                                         max_batches=num_batches or None)
@@ -245,36 +248,30 @@ class Task:
         return metrics
 
 
-def normalize_latents(z: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """(z − mean_c) / std_c, float32, per channel (the last axis)."""
-    return (z.astype(jnp.float32) - mean) / std
-
-
-def denormalize_latents(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """The inverse of `normalize_latents`: x · std_c + mean_c."""
-    return x * std + mean
-
-
 # The jitted sampling and evaluation steps are module functions, not closures made per call: every eval of a run
-# reuses one compiled program (graphdef and options static, equal from eval to eval; weights and latent statistics
-# as arguments), and the jit cache holds no task (with its loaded VAE and scorer).
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "method", "shift"))
-def _generate(graphdef, state, tokens, noise, guidance, mean, std, *, steps: int, method: str, shift: float):
+# reuses one compiled program (graphdef, latent statistics and options static, equal from eval to eval; weights as
+# arguments), and the jit cache holds no task (with its loaded VAE and scorer).
+@functools.partial(jax.jit, static_argnames=("graphdef", "stats", "steps", "method", "shift"))
+def _generate(graphdef, state, tokens, noise, guidance, *, stats: tuple, steps: int, method: str, shift: float):
     """Latents (denormalised) [B, t, h, w, c] sampled from noise [B, t, h, w, c] for tokens [B, L]."""
+    from input_pipeline import latents
+
     m = nnx.merge(graphdef, state)
     states, mask = m.text_states(tokens)
     states2, mask2 = m.dit.guidance_context(states, mask)
     x0 = sampling.sample(lambda x, s: m.dit(x, s, states2, mask2), noise, steps=steps, sampler=method, shift=shift,
                          guidance=guidance)
-    return denormalize_latents(x0, mean, std)
+    return latents.denormalize(x0, dict(stats))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "seed"))
-def _fm_losses(graphdef, state, batch, index, mean, std, *, seed: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "stats", "seed"))
+def _fm_losses(graphdef, state, batch, index, *, stats: tuple, seed: int):
     """{"fm": [B, len(FM_TIMES)]}: the flow-matching loss of each example at each fixed t, the noise fixed by
     (seed, batch index)."""
+    from input_pipeline import latents
+
     m = nnx.merge(graphdef, state)
-    x0 = normalize_latents(batch["latents"], mean, std)
+    x0 = latents.normalize(batch["latents"].astype(jnp.float32), dict(stats))
     b = x0.shape[0]
     states, mask = m.text_states(batch["tokens"])
 
