@@ -57,6 +57,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.ema = dict(decay=0.999, start_step=0)  # evaluation and `vlm sample` use the EMA
     c.max_skipped_steps = 10
+    # Trace train steps after_step+1 … after_step+steps into W/profile (0 = off): `vlm profile --workdir=W`
+    # prints where their time went; XProf shows the trace (vlm/profiling.py).
+    c.profile = dict(steps=0, after_step=2)
     # The text tower of a dual-encoder run: its text/... tensors load, everything else of it is left out.
     c.init_from = dict(workdir="", step=-1, mapping=((r"text/(.*)", r"text/\1"), (r".*", "")), strict=True,
                        use_ema=True)

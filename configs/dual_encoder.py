@@ -61,6 +61,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.lr_multipliers = (("logit_scale", 14.3),)
     c.ema = dict(decay=0.0, start_step=0)  # decay > 0 keeps an EMA of the weights; eval and loading use it
     c.max_skipped_steps = 10  # a non-finite step changes nothing; this many in a row stop the run (exit 1)
+    # Trace train steps after_step+1 … after_step+steps into W/profile (0 = off): `vlm profile --workdir=W`
+    # prints where their time went; XProf shows the trace (vlm/profiling.py).
+    c.profile = dict(steps=0, after_step=2)
     # Start from another run's weights (never on resume): see vlm/init_from.py for `mapping` and `strict`.
     c.init_from = dict(workdir="", step=-1, mapping=(), strict=True, use_ema=True)
 

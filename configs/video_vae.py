@@ -49,6 +49,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.ema = dict(decay=0.0, start_step=0)  # e.g. 0.999: eval, `vlm reconstruct` and `vlm data encode` use it
     c.max_skipped_steps = 10
+    # Trace train steps after_step+1 … after_step+steps into W/profile (0 = off): `vlm profile --workdir=W`
+    # prints where their time went; XProf shows the trace (vlm/profiling.py).
+    c.profile = dict(steps=0, after_step=2)
     c.init_from = dict(workdir="", step=-1, mapping=(), strict=True, use_ema=True)
 
     c.model = ml_collections.ConfigDict()

@@ -34,7 +34,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def ema_run(tmp_path_factory):
     """One tiny in-process run shared by several test files: fsdp=8, EMA on, two evaluators
-    (every 2 and every 5 steps), 10 steps, checkpoints at 5 and 10. Returns (workdir, config)."""
+    (every 2 and every 5 steps), 10 steps, checkpoints at 5 and 10, steps 7-8 profiled (tests/test_profiling.py).
+    Returns (workdir, config)."""
     from tests.helpers import small_config
     from vlm import train
 
@@ -47,6 +48,7 @@ def ema_run(tmp_path_factory):
     config.data.data_dir = str(tmp / "data")
     config.data.eval_size = 32
     config.ema.decay = 0.5
+    config.profile = dict(steps=2, after_step=6)  # between the evals after steps 6 and 8
     with config.unlocked():
         config.evals = dict(fast=dict(type="retrieval", every=2), slow=dict(type="retrieval", every=5, prefix="slow/"))
     workdir = tmp / "w"

@@ -22,6 +22,7 @@ TRAINER_DEFAULTS = {
     "init_from": {"workdir": "", "step": -1, "mapping": (), "strict": True, "use_ema": True},
     "evals": {},
     "xla_flags": {"cpu": (), "gpu": (), "tpu": ()},
+    "profile": {"steps": 0, "after_step": 2},
 }
 
 REQUIRED_KEYS = (
@@ -114,6 +115,7 @@ def _validate_trainer_keys(config) -> None:
     skips = config.get("max_skipped_steps", 10)
     if not check.is_int(skips) or skips < 1:
         raise ConfigError(f"config.max_skipped_steps={skips!r} must be an integer ≥ 1")
+    _check_profile(config)
     init = config.get("init_from") or {}
     unknown = sorted(set(init) - set(TRAINER_DEFAULTS["init_from"]))
     if unknown:
@@ -125,6 +127,21 @@ def _validate_trainer_keys(config) -> None:
         check.integer(config, "init_from.step", low=-1)
         check.boolean(config, "init_from.strict")
         check.boolean(config, "init_from.use_ema")
+
+
+def _check_profile(config) -> None:
+    """config.profile: trace steps after_step+1 … after_step+steps (vlm/profiling.py); steps=0 is off."""
+    profile = config.get("profile") or {}
+    unknown = sorted(set(profile) - set(TRAINER_DEFAULTS["profile"]))
+    if unknown:
+        raise ConfigError(f"config.profile has unknown key(s) {', '.join(unknown)}; its keys: steps, after_step")
+    steps, after = profile.get("steps", 0), profile.get("after_step", 2)
+    for key, value in (("steps", steps), ("after_step", after)):
+        if not check.is_int(value) or value < 0:
+            raise ConfigError(f"config.profile.{key}={value!r} must be an integer ≥ 0")
+    if steps and after + steps > config.total_steps:
+        raise ConfigError(f"config.profile traces steps {after + 1}–{after + steps}, past "
+                          f"config.total_steps={config.total_steps}; lower profile.after_step or profile.steps")
 
 
 def _check_sharding_rules(rules) -> None:

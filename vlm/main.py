@@ -12,6 +12,7 @@
   vlm retrieve --index=O --text="..." | --video=x.mp4 [--k=10]
   vlm reconstruct --workdir=W in.mp4 --out=out.mp4 [--num_frames=N --resolution=R]
   vlm data encode --vae_workdir=W --out_name=NAME_latents [--config=DATA_CONFIG | --dataset=NAME] [--max_examples=N]
+  vlm profile --workdir=W   (after a run with --config.profile.steps=N: where those steps' time went)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("train", "eval", "caption", "sample", "tokenizer train", "data build", "data encode", "convert", "export",
-            "embed", "retrieve", "reconstruct")
+            "embed", "retrieve", "reconstruct", "profile")
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dual_encoder.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and samples go.")
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> None:
             from vlm import distributed
 
             mode = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        if command not in ("tokenizer train", "data build"):  # the others compile
+        if command not in ("tokenizer train", "data build", "profile"):  # the others compile
             import jax
 
             from vlm import compilation_cache
@@ -188,6 +189,11 @@ def main(argv: list[str]) -> None:
             _downstream(command)
         elif command in ("reconstruct", "data encode"):
             _autoencoder(command, argv)
+        elif command == "profile":
+            _require("workdir")
+            from vlm import profiling
+
+            print("\n".join(profiling.report(FLAGS.workdir)), flush=True)
         else:
             _require("input", "vocab_size", "output")
             from input_pipeline import tokenizer

@@ -23,7 +23,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from vlm import accumulation, init_from, optim, run_tokenizer, sharding, tasks, train_state, xla_flags
+from vlm import accumulation, init_from, optim, profiling, run_tokenizer, sharding, tasks, train_state, xla_flags
 from vlm import checkpoint as checkpoint_lib
 from vlm import config as config_lib
 from vlm import metrics as metrics_lib
@@ -197,6 +197,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
         init_plan = init_from.plan(config.init_from, setup.abstract_state["params"])
     config = run_tokenizer.save_to_workdir(config, workdir)  # W/tokenizer.model; its sha256 in config.json
     preempted = PreemptionFlag()
+    profiler = profiling.StepProfiler(config.get("profile"), workdir, log=_log)
     timer, pending_skips, warned_data_wait = None, None, False
     last: dict[str, float] = {}
 
@@ -204,7 +205,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
         return pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                               start_batch=start_batch)
 
-    with sharding.use_mesh(mesh, setup.rules), preempted:
+    with sharding.use_mesh(mesh, setup.rules), preempted, profiler:
         # The newest checkpoint that restores; damaged newer ones are moved aside (one line each).
         restored = checkpointer.restore_latest(setup.abstract_state, setup.state_shardings, data_iterator, log=_log)
         if restored is None:
@@ -230,6 +231,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
         workdir_lib.write_config(config, workdir)
         # Rows a stopped run wrote after its last checkpoint are dropped: they are written again.
         writer = metrics_lib.MetricWriter(workdir, config.total_steps, config=config, resume_step=start_step)
+        profiler.plan(start_step)
         for step in range(start_step, config.total_steps):
             wait_start = time.perf_counter()
             local_batch = next(data_iter)
@@ -238,7 +240,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
             batch = sharding.global_batch(local_batch, mesh)
             if timer is None:
                 timer = metrics_lib.StepTimer(config.batch_size, model_flops_per_step(setup, batch), config.total_steps)
-            state, step_metrics = setup.train_step(state, batch)
+            profiler.before(step, state)
+            with profiler.annotate(step):
+                state, step_metrics = setup.train_step(state, batch)
+            profiler.after(step, step_metrics)
             done = step + 1
             if step == start_step:  # time steps after the compile
                 jax.block_until_ready(step_metrics)

@@ -48,7 +48,7 @@ FREE_IN_FIXED = ("model.dtype", "model.remat", "model.attention_impl", "model.co
 FREE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "checkpoint.", "mesh.", "sharding_rules",
         "microbatches", "eval_batch_size", "evals", "max_skipped_steps", "init_from.", "data.data_dir",
         "data.worker_count", "data.prefetch", "data.decode_threads", "data.eval_split", "data.eval_size",
-        "model.remat", "model.attention_impl", "model.context_parallel", "metrics.", "xla_flags.")
+        "model.remat", "model.attention_impl", "model.context_parallel", "metrics.", "xla_flags.", "profile.")
 # Every other change (batch_size, seed, optim.lr, data.name, ema, ...) is allowed with a warning.
 
 
