@@ -136,9 +136,9 @@ def _check_profile(config) -> None:
     if unknown:
         raise ConfigError(f"config.profile has unknown key(s) {', '.join(unknown)}; its keys: steps, after_step")
     steps, after = profile.get("steps", 0), profile.get("after_step", 2)
-    for key, value in (("steps", steps), ("after_step", after)):
-        if not check.is_int(value) or value < 0:
-            raise ConfigError(f"config.profile.{key}={value!r} must be an integer ≥ 0")
+    for key, value, low in (("steps", steps, 0), ("after_step", after, 1)):
+        if not check.is_int(value) or value < low:  # after_step ≥ 1: the first step (the compile) stays out
+            raise ConfigError(f"config.profile.{key}={value!r} must be an integer ≥ {low}")
     if steps and after + steps > config.total_steps:
         raise ConfigError(f"config.profile traces steps {after + 1}–{after + steps}, past "
                           f"config.total_steps={config.total_steps}; lower profile.after_step or profile.steps")

@@ -243,8 +243,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
             profiler.before(step, state)
             with profiler.annotate(step):
                 state, step_metrics = setup.train_step(state, batch)
-            profiler.after(step, step_metrics)
             done = step + 1
+            if profiler.after(step, step_metrics):  # after_step > start_step: the timer has started
+                timer.start(done)  # writing the trace is not train time
             if step == start_step:  # time steps after the compile
                 jax.block_until_ready(step_metrics)
                 timer.start(done)
