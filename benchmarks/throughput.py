@@ -5,10 +5,13 @@
         --sweep=b32:batch_size=32,remat=full --sweep=b64:batch_size=64,remat=full \\
         --sweep=b64_noremat:batch_size=64,remat=none \\
         --sweep=tiny_f32:config=configs/dual_encoder.py:tiny,batch_size=128,dtype=float32 --isolate
+    python benchmarks/throughput.py --config=configs/dit_video.py:1.3B --latents=9,32,32,16 --batch_size=8 --steps=5
 
 Each row: build the mesh and the jitted step exactly as `vlm train` does (`train.build`), create the
 state, place one random uint8 video / int32 token batch of the config's shapes, compile the step
 (timed), run `--warmup` steps, then time `--steps` steps with one `block_until_ready` around the loop.
+A DiT config trains on a latent cache: `--latents=t,h,w,c` (or `latents=(t,h,w,c)` in a row) gives its shape,
+and random float32 latents of that shape stand in for the cache (no VAE, no `vlm data encode` needed).
 
 Overrides, applied in this order on top of the config file's `get_config(variant)`:
   --batch_size / --dtype / --remat, then --set key=value and --config.key=value (repeatable),
@@ -142,6 +145,7 @@ class Row:
     warmup: int
     flops_only: bool = False
     compile_only: bool = False
+    latents: str | None = None  # "t,h,w,c" of the latent cache a DiT config trains on (random latents here)
 
 
 def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
@@ -160,14 +164,44 @@ def build_rows(args, extra_overrides: list[tuple[str, str]]) -> list[Row]:
         if not colon or "=" in name:  # no name given: the overrides are the name
             name, rest = spec, spec
         pairs = parse_pairs(split_top_level(rest)) if rest else []
-        config = args.config
+        config, latents = args.config, args.latents
         for key, value in pairs:
             if key == "config":
                 config = value
-        pairs = [(k, v) for k, v in pairs if k != "config"]
+            elif key == "latents":
+                latents = value
+        pairs = [(k, v) for k, v in pairs if k not in ("config", "latents")]
         name = name or args.config.partition(":")[2] or "default"
-        rows.append(Row(name, config, base + pairs, args.steps, args.warmup, args.flops_only, args.compile_only))
+        rows.append(Row(name, config, base + pairs, args.steps, args.warmup, args.flops_only, args.compile_only,
+                        latents))
     return rows
+
+
+def parse_latents(text) -> list[int] | None:
+    """"9,32,32,16" or "(9,32,32,16)" → [9, 32, 32, 16]; None/"" → None."""
+    if not text:
+        return None
+    values = [int(v) for v in str(text).strip("()[] ").split(",") if v.strip()]
+    if len(values) != 4 or min(values) < 1:
+        raise ValueError(f"latents={text!r} must be four positive integers t,h,w,c")
+    return values
+
+
+def trains_on_latents(config) -> bool:
+    return (config.get("task") or {}).get("name") == "diffusion"
+
+
+def use_random_latents(config, latents: list[int] | None) -> None:
+    """A DiT config reads its latent cache's shape and per-channel statistics (input_pipeline.latents.latent_info);
+    here there is no cache: `latents` stands in, with mean 0 and std 1 (the step's cost does not depend on them)."""
+    if latents is None:
+        raise ValueError(f"{config.data.name!r} is a latent cache: give its shape, e.g. --latents=9,32,32,16 (33 frames "
+                         "of 256x256 through a 4x8x8, 16-channel VAE like Wan 2.1's) or latents=(t,h,w,c) in a --sweep row")
+    from input_pipeline import latents as latents_lib
+
+    info = {"shape": list(latents), "mean": [0.0] * latents[-1], "std": [1.0] * latents[-1], "vae_hash": "",
+            "source": "benchmarks/throughput.py (random latents)"}
+    latents_lib.latent_info = lambda name, data_dir: info  # this benchmark process only
 
 
 def row_config(row: Row) -> ml_collections.ConfigDict:
@@ -180,13 +214,16 @@ def row_config(row: Row) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- measurement
 
 
-def random_batch(config, num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Uint8 video [B, T, H, W, 3] and right-padded int32 tokens [B, L] of the config's data shapes."""
+def random_batch(config, num_rows: int, seed: int = 0, latents: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Right-padded int32 tokens [B, L] and uint8 video [B, T, H, W, 3] of the config's data shapes, or, given
+    `latents` [t, h, w, c], float32 latents [B, t, h, w, c] instead of the video (a DiT's batch)."""
     rng = np.random.default_rng(seed)
     d = config.data
     tokens = rng.integers(4, d.vocab_size, (num_rows, d.max_text_len)).astype(np.int32)
     lengths = rng.integers(min(3, d.max_text_len), d.max_text_len + 1, num_rows)
     tokens[np.arange(d.max_text_len)[None, :] >= lengths[:, None]] = 0  # padding id 0
+    if latents is not None:
+        return {"latents": rng.standard_normal((num_rows, *latents), np.float32), "tokens": tokens}
     video = rng.integers(0, 256, (num_rows, d.num_frames, d.resolution, d.resolution, 3), dtype=np.uint8)
     return {"video": video, "tokens": tokens}
 
@@ -226,8 +263,13 @@ def measure(row: Row) -> dict[str, Any]:
         peak_before = metrics_lib.peak_memory_bytes()
         result.update(
             batch=int(config.batch_size), dtype=str(config.model.dtype), remat=str(config.model.remat),
-            microbatches=int(config.get("microbatches", 1)),
+            attention=str(config.model.get("attention_impl", "xla")), microbatches=int(config.get("microbatches", 1)),
         )
+        latents = None
+        if trains_on_latents(config):
+            latents = parse_latents(row.latents)
+            use_random_latents(config, latents)
+            result["latents"] = "x".join(map(str, latents))
         config_lib.validate(config, jax.device_count())
         phase = "build"
         mesh = sharding.create_mesh(config.mesh)
@@ -235,7 +277,7 @@ def measure(row: Row) -> dict[str, Any]:
         setup = train.build(config, mesh)
         if row.flops_only or row.compile_only:
             phase = "flops"
-            one = random_batch(config, 1)
+            one = random_batch(config, 1, latents=latents)
             shapes = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
             result["flops_per_step"], result["flops_source"] = model_flops(setup, shapes)
             if row.compile_only:  # ahead of time, from shapes (MaxText's train_compile): nothing is allocated
@@ -249,7 +291,7 @@ def measure(row: Row) -> dict[str, Any]:
                 result["xla_bytes"] = compiled_bytes(compiled)
                 _log(row.name, f"lowered in {result['lower_s']:.1f}s, lowered + compiled in {result['compile_s']:.1f}s")
             return result
-        local = random_batch(config, config.batch_size // jax.process_count(), seed=jax.process_index())
+        local = random_batch(config, config.batch_size // jax.process_count(), seed=jax.process_index(), latents=latents)
         with sharding.use_mesh(mesh, setup.rules):
             phase = "init"
             t = time.perf_counter()
@@ -343,7 +385,7 @@ def _gib(x) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     header = (
-        "| row | config | mesh d×f×t | batch | dtype | remat | step ms | steps/s | examples/s | TFLOP/step | FLOPs from "
+        "| row | config | mesh d×f×c×t | batch | dtype | remat | attention | step ms | steps/s | examples/s | TFLOP/step | FLOPs from "
         "| TFLOP/s/dev | MFU | peak GiB | XLA est. GiB | compile s | status |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -359,6 +401,7 @@ def table(results: list[dict[str, Any]]) -> str:
             str(r.get("batch", "")),
             r.get("dtype", ""),
             r.get("remat", ""),
+            r.get("attention", ""),
             _num(None if step_s is None else 1e3 * step_s, ".1f"),
             _num(r.get("steps_per_s"), ".3g"),
             _num(r.get("examples_per_s"), ".1f"),
@@ -402,6 +445,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--flops_only", action="store_true", help="only count model FLOPs (no state, no steps)")
     p.add_argument("--compile_only", action="store_true",
                    help="count FLOPs and compile the train step from shapes (no state, no steps): compile time, XLA's memory")
+    p.add_argument("--latents", default=None, metavar="T,H,W,C",
+                   help="DiT configs: the latent shape to train on (random latents stand in for the latent cache)")
     p.add_argument("--isolate", action="store_true", help="run each row in its own subprocess")
     p.add_argument("--row_timeout", type=float, default=None, help="with --isolate: seconds before a row is killed")
     p.add_argument("--out", default=None, help="Markdown output (default: $OUT/throughput.md if OUT is set)")
