@@ -5,15 +5,18 @@
 # the sweep goes on). Columns: config, batch, remat, attention, step ms, TFLOP/s, MFU, peak GiB
 # (benchmarks/README.md, "throughput.py").
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_mfu.sh b16     # ~5-6 min on one H200 (each row: ~45 s compile, ~40 s init)
-#   OUT=/tmp/gpu bash benchmarks/gpu_mfu.sh dit     # ~5-7 min
+#   OUT=/tmp/gpu bash benchmarks/gpu_mfu.sh dit     # 3 rows, each killed at 180 s: ≤ 9.5 min (estimate ~5-7)
+#   OUT=/tmp/gpu bash benchmarks/gpu_mfu.sh b16     # 3 rows, each killed at 150 s: ≤ 8 min (estimate ~5-6: per
+#                                                   # row ~45 s compile, ~40 s init, as on the H200 on 2026-11-26)
 #   EXTRA=--flops_only bash benchmarks/gpu_mfu.sh b16   # on a CPU: every row builds and counts its FLOPs
 #
-# Each part fits one 10-minute device command. Rows were chosen from the H200 table of 2026-11-26 (B/16 batch
-# 64 without remat: 28.2 % MFU, 64.8 GiB; with full remat 22 %): larger batches with the `dots` policy (keeps
-# the matmul outputs, recomputes the rest), and cuDNN's fused attention. The DiT's default shapes: 33 frames of
-# 256x256 through a 4x8x8, 16-channel VAE (Wan 2.1's factors) = latents 9x32x32x16, 2304 tokens per clip;
-# random latents stand in for the latent cache (throughput.py --latents).
+# Each part fits one 10-minute device command; both, with a machine's start, may not fit one session's
+# 15 minutes: `dit` first (never measured on a GPU; B/16 has been: 21-28 % MFU). Rows were chosen from the H200
+# table of 2026-11-26 (B/16 batch 64 without remat: 28.2 % MFU, 64.8 GiB; with full remat 22 %): larger
+# batches with the `dots` policy (keeps the matmul outputs, recomputes the rest), and cuDNN's fused attention.
+# The DiT's default shapes: 33 frames of 256x256 through a 4x8x8, 16-channel VAE (Wan 2.1's factors) = latents
+# 9x32x32x16, 2304 tokens per clip; random latents stand in for the latent cache (throughput.py --latents). The
+# XLA-attention DiT row is there in case the DiT's cuDNN path (never run on a GPU) fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/vlm_gpu_mfu}
@@ -31,9 +34,10 @@ case "$part" in
     ;;
   dit)
     python3 benchmarks/throughput.py --config=configs/dit_video.py:1.3B --latents=9,32,32,16 --steps=5 --warmup=2 \
-      --isolate --row_timeout=200 --out="$OUT/dit13.md" ${EXTRA:-} \
+      --isolate --row_timeout=180 --out="$OUT/dit13.md" ${EXTRA:-} \
       --sweep=dit13_b8_full_cudnn:batch_size=8 \
-      --sweep=dit13_b8_dots_cudnn:batch_size=8,remat=dots
+      --sweep=dit13_b8_dots_cudnn:batch_size=8,remat=dots \
+      --sweep=dit13_b8_full_xla:batch_size=8,model.attention_impl=xla
     ;;
   *)
     echo "usage: OUT=DIR bash benchmarks/gpu_mfu.sh b16|dit" >&2

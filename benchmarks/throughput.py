@@ -199,7 +199,8 @@ def use_random_latents(config, latents: list[int] | None) -> None:
                          "of 256x256 through a 4x8x8, 16-channel VAE like Wan 2.1's) or latents=(t,h,w,c) in a --sweep row")
     from input_pipeline import latents as latents_lib
 
-    info = {"shape": list(latents), "mean": [0.0] * latents[-1], "std": [1.0] * latents[-1], "vae_hash": "",
+    info = {"shape": list(latents), "mean": [0.0] * latents[-1], "std": [1.0] * latents[-1],
+            "vae_hash": str((config.get("task") or {}).get("vae_hash", "")),  # passes the task's hash check
             "source": "benchmarks/throughput.py (random latents)"}
     latents_lib.latent_info = lambda name, data_dir: info  # this benchmark process only
 
