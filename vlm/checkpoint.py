@@ -37,6 +37,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vlm.errors import one_line
+
 OWN_ITEMS = ("data", "meta")
 LEGACY_TRAIN = "train"  # {"step", "rng"} in checkpoints written before the state became a general dict
 
@@ -47,15 +49,6 @@ class CheckpointError(RuntimeError):
 
 class SaveFailed(RuntimeError):
     """A checkpoint save failed (in the background, for async saves); one line naming the step and the cause."""
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception as one short line: Orbax and TensorStore messages run to pages."""
-    text = error.args[0] if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str) else str(error)
-    text = text.split("See full TensorStore details")[0]  # a page of JSON follows
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclasses.dataclass

@@ -36,8 +36,15 @@ from typing import Callable
 import jax
 from etils import epath
 
+from vlm.errors import one_line
+
 WINDOW_FILE = "vlm_window.json"
 _CONTROL_FLOW = ("while", "conditional", "call")  # enclose their bodies' op events (XLA:CPU)
+
+
+def _kind(op: str) -> str:
+    """An XLA op's kind: its name without the ".N" suffix ("copy_bitcast_fusion.12" → "copy_bitcast_fusion")."""
+    return re.sub(r"\.\d+$", "", op)
 ANNOTATION = "train"  # the StepTraceAnnotation name of a traced train step
 
 
@@ -87,7 +94,7 @@ class StepProfiler:
             jax.profiler.start_trace(self.directory)
         except Exception as e:  # e.g. another trace is running: the run goes on
             self.active = False
-            self.log(f"profile: could not start a trace in {self.directory} ({_one_line(e)}); training goes on")
+            self.log(f"profile: could not start a trace in {self.directory} ({one_line(e)}); training goes on")
             return
         self.tracing, self._start = True, time.perf_counter()
 
@@ -123,7 +130,7 @@ class StepProfiler:
                          f" written to {run}; `vlm profile --workdir=...` summarises it, "
                          f"`xprof --logdir={self.directory}` shows it")
         except Exception as e:  # an unwritable or unreachable folder: the run goes on
-            self.log(f"profile: the trace could not be written to {self.directory} ({_one_line(e)})")
+            self.log(f"profile: the trace could not be written to {self.directory} ({one_line(e)})")
 
     def __enter__(self) -> "StepProfiler":
         return self
@@ -135,10 +142,6 @@ class StepProfiler:
             except Exception:  # outputs of a step that failed: write what was traced
                 pass
             self._stop()
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def latest_run(directory: str) -> str:
@@ -181,7 +184,7 @@ def summarize(run_dir: str) -> tuple[list[ProgramProfile], list[int]]:
         try:
             planes = ProfileData.from_serialized_xspace(path.read_bytes()).planes
         except Exception as e:
-            raise ProfileNotFound(f"{path} is not a readable trace ({_one_line(e)})") from None
+            raise ProfileNotFound(f"{path} is not a readable trace ({one_line(e)})") from None
         for plane in planes:
             lines = list(plane.lines)
             # A device plane with an "XLA Ops" line (TPU; GPU traces XProf has converted): that line holds each
@@ -193,7 +196,7 @@ def summarize(run_dir: str) -> tuple[list[ProgramProfile], list[int]]:
                     if event.name == ANNOTATION and "step_num" in stats:
                         steps.add(int(stats["step_num"]))
                     op, module = stats.get("hlo_op"), stats.get("hlo_module")
-                    if op is None or module is None or re.sub(r"\.\d+$", "", str(op)) in _CONTROL_FLOW:
+                    if op is None or module is None or _kind(str(op)) in _CONTROL_FLOW:
                         continue
                     device = (host, plane.name, stats.get("device_ordinal"))
                     by_module[module].append((host, stats.get("run_id"), device, str(op), event.start_ns,
@@ -203,7 +206,7 @@ def summarize(run_dir: str) -> tuple[list[ProgramProfile], list[int]]:
         kinds, counts, ops = collections.Counter(), collections.Counter(), collections.Counter()
         spans = {}
         for host, run_id, _, op, start, dur in events:
-            kind = re.sub(r"\.\d+$", "", op)
+            kind = _kind(op)
             kinds[kind] += dur * 1e-9
             counts[kind] += 1
             ops[op] += dur * 1e-9
