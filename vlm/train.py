@@ -238,12 +238,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, exit_after_step: int
             if timer is not None:
                 timer.data_wait(time.perf_counter() - wait_start)
             batch = sharding.global_batch(local_batch, mesh)
-            if timer is None:
-                timer = metrics_lib.StepTimer(config.batch_size, model_flops_per_step(setup, batch), config.total_steps)
             profiler.before(step, state)
             with profiler.annotate(step):
                 state, step_metrics = setup.train_step(state, batch)
             done = step + 1
+            if timer is None:  # FLOPs counted on the host while the device runs the first step (async dispatch)
+                timer = metrics_lib.StepTimer(config.batch_size, model_flops_per_step(setup, batch), config.total_steps)
             if profiler.after(step, step_metrics):  # after_step > start_step: the timer has started
                 timer.start(done)  # writing the trace is not train time
             if step == start_step:  # time steps after the compile
