@@ -56,7 +56,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     # tiny: the learnable temperature's lr at 1e-2 (11.8x the base lr). At an lr of 1e-3 the logit scale moves from
     # 14.3 to 17.3 in 400 steps and the embeddings stay bunched (held-out cosines 0.86-0.98); at 1e-2 it reaches
-    # 43 at step 200 and 62 at 400. No gradient clipping (OpenCLIP's default): tiny's global gradient norm is 3-50,
+    # 43 at step 200 and 62 at 400. No gradient clipping (OpenCLIP's default): tiny's global gradient norm is 2-54,
     # so clipping at 1.0 bound every step and weighted each step's gradient by 1/norm in Adam's moments. Unclipped,
     # at lr 8.5e-4, held-out t2v R@1 crosses 0.8 at step 175 / 175 / 150 (seeds 0 / 1 / 2), against 200 / 250 / 200
     # clipped at 7e-4 (seeds 1, 2 evaluated every 50 steps; benchmarks/README.md, "Stop 27").
